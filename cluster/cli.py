@@ -45,7 +45,10 @@ def cmd_train_rm(args: argparse.Namespace) -> None:
     preset, overrides = _split_overrides(args)
     metrics = train_reward_model(load_config(preset, overrides))
     print(f"reward model written to {metrics['path']}")
-    print(f"held-out pairwise accuracy {metrics['eval_accuracy']:.3f}, gold Spearman {metrics['eval_spearman']:.3f}")
+    line = f"held-out label accuracy {metrics['eval_accuracy']:.3f}"
+    if "eval_spearman" in metrics:
+        line += f", gold-order agreement {metrics['eval_gold_agreement']:.3f}, gold Spearman {metrics['eval_spearman']:.3f}"
+    print(line + f" ({metrics['seconds']:.0f}s)")
 
 
 def cmd_train(args: argparse.Namespace) -> None:

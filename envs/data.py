@@ -1,0 +1,129 @@
+"""Prompt and preference datasets in Parquet: schemas, validation, reading and writing.
+
+Prompt file (``data/prompts.parquet``)
+    ``prompt``  string, non-empty: the opening of a movie review to continue.
+    ``split``   string, ``"train"`` or ``"test"`` (optional; missing means every row is train).
+
+Preference file (``data/preferences.parquet``); bring your own with just the first three columns.
+    ``prompt``          string, non-empty
+    ``chosen``          string, non-empty: the preferred response
+    ``rejected``        string, non-empty: the other response
+    ``split``           string, ``"train"`` or ``"test"`` (optional)
+    ``chosen_score``    float, not NaN: gold score of ``chosen`` (optional, for evaluation)
+    ``rejected_score``  float, not NaN: gold score of ``rejected`` (optional)
+
+Every problem is reported as a :class:`DataError` naming the file, and the row and column
+where there is one.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PROMPT_COLUMNS = {"prompt": "text", "split": "split"}
+PREFERENCE_COLUMNS = {
+    "prompt": "text", "chosen": "text", "rejected": "text",
+    "split": "split", "chosen_score": "score", "rejected_score": "score",
+}
+REQUIRED_PROMPT = ("prompt",)
+REQUIRED_PREFERENCE = ("prompt", "chosen", "rejected")
+SPLITS = ("train", "test")
+
+
+class DataError(ValueError):
+    """A dataset file is missing, unreadable or breaks its schema; names file, row and column."""
+
+
+def _read(path: str | Path) -> pa.Table:
+    """Read a Parquet file or raise DataError naming it."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file")
+    try:
+        return pq.read_table(p)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{p}: not a readable Parquet file ({err})") from err
+
+
+def _check_value(path: Path, row: int, col: str, kind: str, value: object) -> None:
+    """Raise DataError if one cell breaks its column's rule."""
+    where = f"{path}: row {row}, column {col!r}"
+    if kind in ("text", "split"):
+        if not isinstance(value, str):
+            raise DataError(f"{where}: expected a string, got {value!r}")
+        if not value.strip():
+            raise DataError(f"{where}: empty text")
+        if kind == "split" and value not in SPLITS:
+            raise DataError(f"{where}: split must be one of {SPLITS}, got {value!r}")
+    elif kind == "score":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"{where}: expected a number, got {value!r}")
+        if math.isnan(value) or math.isinf(value):
+            raise DataError(f"{where}: score is {value}")
+
+
+def validate(table: pa.Table, path: str | Path, columns: dict[str, str], required: tuple[str, ...]) -> list[dict]:
+    """Check a table against a schema and return its rows as dicts (only the schema's columns)."""
+    p = Path(path)
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise DataError(f"{p}: missing column {missing[0]!r} (has {table.column_names})")
+    if table.num_rows == 0:
+        raise DataError(f"{p}: the file has no rows")
+    present = [c for c in columns if c in table.column_names]
+    rows = table.select(present).to_pylist()
+    for i, row in enumerate(rows):
+        for col in present:
+            _check_value(p, i, col, columns[col], row[col])
+    return rows
+
+
+def _split(rows: list[dict], split: str | None, path: str | Path) -> list[dict]:
+    """Keep the rows of one split (rows without a split column count as train)."""
+    if split is None:
+        return rows
+    kept = [r for r in rows if r.get("split", "train") == split]
+    if not kept:
+        raise DataError(f"{path}: no rows in split {split!r}")
+    return kept
+
+
+def load_prompts(path: str | Path, split: str | None = "train") -> list[str]:
+    """Validated prompts of one split (None = all)."""
+    rows = validate(_read(path), path, PROMPT_COLUMNS, REQUIRED_PROMPT)
+    return [r["prompt"] for r in _split(rows, split, path)]
+
+
+def load_preferences(path: str | Path, split: str | None = "train") -> list[dict]:
+    """Validated preference rows of one split (None = all) as dicts."""
+    rows = validate(_read(path), path, PREFERENCE_COLUMNS, REQUIRED_PREFERENCE)
+    return _split(rows, split, path)
+
+
+def write_prompts(path: str | Path, prompts: list[str], splits: list[str] | None = None) -> Path:
+    """Write a prompt file (validated on the way out)."""
+    cols = {"prompt": pa.array(prompts, pa.string())}
+    if splits is not None:
+        cols["split"] = pa.array(splits, pa.string())
+    return _write(path, pa.table(cols), PROMPT_COLUMNS, REQUIRED_PROMPT)
+
+
+def write_preferences(path: str | Path, rows: list[dict]) -> Path:
+    """Write a preference file from row dicts (validated on the way out)."""
+    names = [c for c in PREFERENCE_COLUMNS if c in rows[0]]
+    types = {"text": pa.string(), "split": pa.string(), "score": pa.float64()}
+    table = pa.table({c: pa.array([r[c] for r in rows], types[PREFERENCE_COLUMNS[c]]) for c in names})
+    return _write(path, table, PREFERENCE_COLUMNS, REQUIRED_PREFERENCE)
+
+
+def _write(path: str | Path, table: pa.Table, columns: dict[str, str], required: tuple[str, ...]) -> Path:
+    """Validate then write a table as Parquet."""
+    p = Path(path)
+    validate(table, p, columns, required)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, p)
+    return p

@@ -1,0 +1,117 @@
+"""Training the reward model on preference pairs with the Bradley-Terry loss.
+
+``train_reward_model(cfg)`` reads ``cfg.data.preferences``, trains ``RewardModel`` on the train
+split, evaluates on the test split, and writes the model directory and ``metrics.json`` to
+``cfg.reward_model.path``. Evaluation reports pairwise accuracy against the annotator's labels,
+agreement with the noise-free gold ordering (pairs whose gold scores differ), and the Spearman
+correlation of scores with gold scores over the held-out responses.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cluster.config import Config
+from envs.data import load_preferences
+from envs.reward_model import RewardModel
+from envs.stats import pairwise_agreement, spearman
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Mean of -log sigmoid(r_chosen - r_rejected) over the batch; inputs (B,)."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def _pair_scores(rm: RewardModel, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (B,) of the chosen and rejected responses of a batch, in one encoder pass."""
+    prompts = [r["prompt"] for r in rows]
+    texts = rm.texts([r["chosen"] for r in rows], prompts) + rm.texts([r["rejected"] for r in rows], prompts)
+    enc = rm.encode(texts)
+    scores = rm(enc["input_ids"], enc["attention_mask"])  # (2B,)
+    return scores[: len(rows)], scores[len(rows) :]
+
+
+def evaluate_rm(rm: RewardModel, rows: list[dict], batch_size: int = 64) -> dict[str, float]:
+    """Label accuracy, gold-order agreement and Spearman vs gold on preference rows."""
+    prompts = [r["prompt"] for r in rows]
+    sc = np.array(rm.score([r["chosen"] for r in rows], prompts, batch_size))
+    sr = np.array(rm.score([r["rejected"] for r in rows], prompts, batch_size))
+    out = {"accuracy": float((sc > sr).mean()), "pairs": len(rows)}
+    if "chosen_score" in rows[0]:
+        gc = np.array([r["chosen_score"] for r in rows])
+        gr = np.array([r["rejected_score"] for r in rows])
+        out["gold_agreement"], out["gold_pairs"] = pairwise_agreement(sc, sr, gc, gr)
+        out["spearman"] = spearman(np.concatenate([sc, sr]), np.concatenate([gc, gr]))
+    return out
+
+
+def _fit(rm: RewardModel, rows: list[dict], cfg: Config) -> list[float]:
+    """Run the optimisation loop with a progress bar; returns the per-step losses."""
+    rc = cfg.reward_model
+    opt = torch.optim.AdamW(rm.parameters(), lr=rc.lr, weight_decay=0.01)
+    steps = rc.epochs * ((len(rows) + rc.batch_size - 1) // rc.batch_size)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+    )
+    rng = random.Random(cfg.run.seed)
+    losses: list[float] = []
+    rm.train()
+    with tqdm(total=steps, desc="reward model", unit="step") as bar:
+        for _ in range(rc.epochs):
+            order = list(range(len(rows)))
+            rng.shuffle(order)
+            for i in range(0, len(order), rc.batch_size):
+                batch = [rows[j] for j in order[i : i + rc.batch_size]]
+                r_c, r_r = _pair_scores(rm, batch)
+                loss = bradley_terry_loss(r_c, r_r)
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(rm.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    rm.eval()
+    return losses
+
+
+def train_reward_model(cfg: Config) -> dict:
+    """Train, evaluate and save the reward model; returns the metrics (also written to metrics.json)."""
+    rc = cfg.reward_model
+    torch.manual_seed(cfg.run.seed)
+    if cfg.run.torch_threads:
+        torch.set_num_threads(cfg.run.torch_threads)
+    pref_path = cfg.resolve_path(cfg.data.preferences)
+    train_rows = load_preferences(pref_path, "train")
+    if rc.max_pairs:
+        train_rows = train_rows[: rc.max_pairs]
+    all_rows = load_preferences(pref_path, None)
+    test_rows = [r for r in all_rows if r.get("split") == "test"] or train_rows[-max(1, len(train_rows) // 10):]
+    rm = RewardModel.from_backbone(rc.backbone, max_length=rc.max_length, include_prompt=rc.include_prompt)
+    start = time.time()
+    before = evaluate_rm(rm, test_rows, rc.score_batch_size)
+    losses = _fit(rm, train_rows, cfg)
+    # Normalisation stats over training responses, so env rewards are on a unit scale.
+    sample = [r["chosen"] for r in train_rows[:1000]] + [r["rejected"] for r in train_rows[:1000]]
+    scores = np.array(rm.score(sample, batch_size=rc.score_batch_size))
+    rm.score_mean, rm.score_std = float(scores.mean()), float(scores.std() or 1.0)
+    after = evaluate_rm(rm, test_rows, rc.score_batch_size)
+    out = rm.save(Path(rc.path))
+    metrics = {
+        "path": str(out), "backbone": rc.backbone, "train_pairs": len(train_rows), "test_pairs": len(test_rows),
+        "seconds": round(time.time() - start, 1), "first_loss": losses[0], "final_loss": float(np.mean(losses[-20:])),
+        "losses": losses, "score_mean": rm.score_mean, "score_std": rm.score_std,
+        **{f"eval_{k}": v for k, v in after.items()}, **{f"untrained_{k}": v for k, v in before.items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,279 @@
+"""The HTTP protocol: pydantic models of the OpenAI-compatible requests and responses.
+
+Requests reject unknown fields (``extra="forbid"``) and out-of-range values, so a typo in a
+parameter is a 400 naming it rather than a silently ignored option. Limits that depend on the
+served model or the configuration (context length, ``serve.max_tokens_limit``) are checked by
+the engine, not here. ``null`` means "the default" for every optional sampling parameter, as
+in OpenAI's API.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``POST /v1/rewards`` (texts in, reward-model scores out) and ``GET /healthz``. Errors use
+OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_N = 16
+"""Most choices one request may ask for (``n``)."""
+MAX_STOP = 4
+"""Most stop strings per request (OpenAI's limit)."""
+MAX_PROMPTS = 16
+"""Most prompts in one completions request (``prompt`` given as a list)."""
+MAX_REWARD_TEXTS = 128
+"""Most texts in one /v1/rewards request."""
+
+
+class _Request(BaseModel):
+    """Base of every request body: unknown fields are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_stop(stop: str | list[str] | None) -> list[str]:
+    """Normalise ``stop`` to a list of 0..MAX_STOP non-empty strings."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(stops)}")
+    if any(s == "" for s in stops):
+        raise ValueError("stop sequences must not be empty strings")
+    return stops
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+    """Send a last chunk with token usage before ``[DONE]``."""
+
+
+class _SamplingRequest(_Request):
+    """Fields shared by completions and chat completions."""
+
+    model: str = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        return _check_stop(v)
+
+
+class CompletionRequest(_SamplingRequest):
+    """``POST /v1/completions``: continue a prompt (a string, or a list of strings)."""
+
+    prompt: str | list[str]
+    max_tokens: int | None = Field(None, ge=1)
+    """Tokens to generate per choice; default 16 (OpenAI's default)."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str | list[str]) -> str | list[str]:
+        prompts = [v] if isinstance(v, str) else v
+        if not prompts:
+            raise ValueError("prompt must not be an empty list")
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+        if any(not p.strip() for p in prompts):
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message content as one string (text parts joined)."""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """``POST /v1/chat/completions``: answer a conversation, formatted with the tokenizer's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    """Tokens to generate per choice; default: the configured limit, capped by the context."""
+    max_completion_tokens: int | None = Field(None, ge=1)
+    """OpenAI's newer name for ``max_tokens``; wins when both are given."""
+
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.text().strip() for m in v):
+            raise ValueError("messages must not all be empty")
+        return v
+
+
+class RewardRequest(_Request):
+    """``POST /v1/rewards``: score texts with the served reward model."""
+
+    texts: list[str] = Field(min_length=1, max_length=MAX_REWARD_TEXTS)
+    prompts: list[str] | None = None
+    """The prompt of each text, used when the reward model was trained with ``include_prompt``."""
+    normalize: bool = False
+    """Standardise scores with the mean/std measured on the reward model's training data."""
+    model: str | None = None
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, v: list[str] | None, info) -> list[str] | None:
+        texts = info.data.get("texts")
+        if v is not None and texts is not None and len(v) != len(texts):
+            raise ValueError(f"prompts must have one entry per text ({len(texts)}), got {len(v)}")
+        return v
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+def new_id(prefix: str) -> str:
+    """An OpenAI-style object id such as ``cmpl-3f2a...``."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: new_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "alignray"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class RewardResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    scores: list[float]
+
+
+class BatchStats(BaseModel):
+    """What ``@serve.batch`` has gathered so far on this replica."""
+
+    batches: int = 0
+    """Batched generations run."""
+    requests: int = 0
+    """HTTP requests served by them."""
+    max_requests_per_batch: int = 0
+    """Largest number of requests that shared one generation."""
+    sizes: dict[str, int] = Field(default_factory=dict)
+    """Histogram: requests per batch -> how many batches had that many."""
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    max_batch_size: int
+    batching: BatchStats
+    rewards: bool
+    """Whether a reward model is served at /v1/rewards."""
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class APIError(Exception):
+    """An error the API reports to the client with an HTTP status and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type,
+                                               param=self.param, code=self.code)).model_dump()

@@ -1,0 +1,89 @@
+"""Typed config: presets, overrides, round trip and every error path."""
+
+import pytest
+
+from cluster.cli import main
+from cluster.config import Config, ConfigError, describe, dump_config, load_config, parse_overrides
+
+
+def test_defaults_and_demo_preset_load():
+    cfg = load_config("demo")
+    assert isinstance(cfg, Config)
+    assert cfg.model.policy == "smollm2"
+    assert cfg.reward_model.backbone == "minilm"
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config("demo", ["ppo.lr=3e-6", "env.reward={gold: 0.5, reward_model: 1.0}", "run.seed=7"])
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    again = load_config(path)
+    assert again == cfg
+    assert again.ppo.lr == 3e-6 and again.env.reward == {"gold": 0.5, "reward_model": 1.0}
+
+
+def test_override_types_are_coerced():
+    cfg = load_config(None, ["ppo.iterations=3", "ppo.lr=1e-4", "env.chat_template=false", "ppo.kl_coef=1"])
+    assert cfg.ppo.iterations == 3 and cfg.ppo.lr == 1e-4
+    assert cfg.env.chat_template is False
+    assert isinstance(cfg.ppo.kl_coef, float)
+
+
+def test_parse_overrides_nests():
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("ppo.nope=1", "unknown key ppo.nope"),
+        ("nosection.x=1", "unknown key nosection"),
+        ("ppo.lr=-1", "ppo.lr: must be a number > 0"),
+        ("ppo.lr=fast", "ppo.lr: expected a number"),
+        ("ppo.iterations=2.5", "ppo.iterations: expected an integer"),
+        ("ppo.clip_param=1.5", "ppo.clip_param: must be a number in (0, 1)"),
+        ("env.chat_template=maybe", "env.chat_template: expected true or false"),
+        ("rollout.reward_model_placement=moon", "rollout.reward_model_placement: must be one of"),
+        ("serve.port=70000", "serve.port"),
+        ("ppo.lr=.nan", "ppo.lr: expected a finite number"),
+        ("env.reward=3", "env.reward: expected a mapping"),
+        ("ppo", "must look like section.field=value"),
+    ],
+)
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", [override])
+    assert message in str(err.value)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="no config preset or file 'nope'.*demo"):
+        load_config("nope")
+
+
+def test_bad_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+    bad.write_text("ppo: 3\n")
+    with pytest.raises(ConfigError, match="ppo: expected a mapping"):
+        load_config(bad)
+
+
+def test_every_field_has_a_docstring():
+    rows = describe()
+    assert len(rows) > 40
+    missing = [name for name, _, doc in rows if not doc.strip()]
+    assert missing == []
+
+
+def test_cli_config_show(capsys):
+    assert main(["config", "show", "demo", "ppo.lr=2e-6"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 2.0e-06" in out and "policy: smollm2" in out
+    assert main(["config", "show", "demo", "ppo.lr=-2"]) == 2
+    assert "ppo.lr" in capsys.readouterr().err

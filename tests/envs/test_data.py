@@ -1,0 +1,82 @@
+"""Prompt and preference files: the shipped data is valid; crafted bad files are reported precisely."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.config import REPO_ROOT
+from envs.data import DataError, load_preferences, load_prompts, write_preferences, write_prompts
+from envs.gold import gold_score
+
+ROW = {"prompt": "The film", "chosen": "was wonderful", "rejected": "was awful", "split": "train",
+       "chosen_score": 0.57, "rejected_score": -0.46}
+
+
+def test_shipped_prompts_are_valid_and_split():
+    train = load_prompts(REPO_ROOT / "data/prompts.parquet", "train")
+    test = load_prompts(REPO_ROOT / "data/prompts.parquet", "test")
+    assert len(train) + len(test) >= 1000 and len(test) >= 100
+    assert not set(train) & set(test)
+    moods = [gold_score(p) for p in train[:300]]
+    assert min(moods) < -0.3 and max(moods) > 0.3  # openings of every sentiment
+
+
+def test_shipped_preferences_are_valid():
+    path = REPO_ROOT / "data/preferences.parquet"
+    if not path.exists():
+        pytest.skip("preferences not generated yet")
+    train, test = load_preferences(path, "train"), load_preferences(path, "test")
+    assert len(train) >= 4000 and len(test) >= 500
+    row = train[0]
+    assert abs(gold_score(row["chosen"]) - row["chosen_score"]) < 1e-9
+
+
+def test_round_trip(tmp_path):
+    path = write_preferences(tmp_path / "p.parquet", [ROW, {**ROW, "split": "test"}])
+    assert load_preferences(path, "train") == [ROW]
+    assert len(load_preferences(path, None)) == 2
+    write_prompts(tmp_path / "q.parquet", ["a", "b"], ["train", "test"])
+    assert load_prompts(tmp_path / "q.parquet", "test") == ["b"]
+
+
+def test_user_file_with_three_columns(tmp_path):
+    path = tmp_path / "mine.parquet"
+    pq.write_table(pa.table({"prompt": ["p"], "chosen": ["c"], "rejected": ["r"]}), path)
+    assert load_preferences(path, "train") == [{"prompt": "p", "chosen": "c", "rejected": "r"}]
+
+
+def _write(tmp_path, **columns):
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "columns, message",
+    [
+        ({"prompt": ["p"], "chosen": ["c"]}, "missing column 'rejected'"),
+        ({"prompt": ["p", "q"], "chosen": ["c", " "], "rejected": ["r", "r"]}, "row 1, column 'chosen': empty text"),
+        ({"prompt": ["p", None], "chosen": ["c", "c"], "rejected": ["r", "r"]}, "row 1, column 'prompt': expected a string"),
+        ({"prompt": ["p"], "chosen": ["c"], "rejected": [3]}, "row 0, column 'rejected': expected a string"),
+        ({"prompt": ["p"], "chosen": ["c"], "rejected": ["r"], "chosen_score": [float("nan")]}, "row 0, column 'chosen_score': score is nan"),
+        ({"prompt": ["p"], "chosen": ["c"], "rejected": ["r"], "split": ["dev"]}, "split must be one of"),
+        ({"prompt": pa.array([], pa.string()), "chosen": pa.array([], pa.string()), "rejected": pa.array([], pa.string())}, "has no rows"),
+    ],
+)
+def test_bad_preference_files(tmp_path, columns, message):
+    path = _write(tmp_path, **columns)
+    with pytest.raises(DataError) as err:
+        load_preferences(path, None)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_prompts(tmp_path / "none.parquet")
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load_prompts(junk)
+    only_test = write_prompts(tmp_path / "t.parquet", ["a"], ["test"])
+    with pytest.raises(DataError, match="no rows in split 'train'"):
+        load_prompts(only_test, "train")

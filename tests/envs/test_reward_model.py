@@ -1,0 +1,59 @@
+"""Reward model: Bradley-Terry loss by hand, training on a tiny model, save/load, batched scoring."""
+
+import math
+
+import pytest
+import torch
+
+from cluster.config import load_config
+from envs.data import write_preferences
+from envs.reward_model import RewardModel
+from envs.reward_training import bradley_terry_loss, train_reward_model
+from policies.models import ModelLoadError
+
+
+def test_bradley_terry_loss_by_hand():
+    # -log sigmoid(2 - 0) = log(1 + e^-2) = 0.126928; -log sigmoid(-1 - 0) = log(1 + e^1) = 1.313262
+    loss = bradley_terry_loss(torch.tensor([2.0, -1.0]), torch.tensor([0.0, 0.0]))
+    assert loss.item() == pytest.approx((0.126928 + 1.313262) / 2, abs=1e-6)
+    assert bradley_terry_loss(torch.zeros(3), torch.zeros(3)).item() == pytest.approx(math.log(2))
+
+
+def _pairs(n, split):
+    good = ["great fun", "wonderful acting", "loved the story", "the best film", "really good music"]
+    bad = ["terrible plot", "awful acting", "hated the ending", "the worst film", "really boring music"]
+    return [{"prompt": "the film", "chosen": good[i % 5], "rejected": bad[(i * 3) % 5], "split": split,
+             "chosen_score": 0.6, "rejected_score": -0.6} for i in range(n)]
+
+
+def test_training_lowers_loss_and_changes_every_parameter(tmp_path):
+    data = write_preferences(tmp_path / "p.parquet", _pairs(64, "train") + _pairs(16, "test"))
+    cfg = load_config(None, [f"data.preferences={data}", "reward_model.backbone=tiny", f"reward_model.path={tmp_path / 'rm'}",
+                             "reward_model.epochs=6", "reward_model.batch_size=8", "reward_model.lr=1e-3"])
+    torch.manual_seed(0)
+    before = {k: v.detach().clone() for k, v in RewardModel.from_backbone("tiny").named_parameters()}
+    metrics = train_reward_model(cfg)
+    losses = metrics["losses"]
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2
+    assert metrics["eval_accuracy"] == 1.0 and metrics["eval_gold_agreement"] == 1.0
+    rm = RewardModel.load(tmp_path / "rm")
+    after = dict(rm.named_parameters())
+    assert set(after) == set(before)
+    # Token-type embeddings row 1 is never used by single-segment inputs; everything else must move.
+    unchanged = [k for k, v in before.items() if torch.equal(v, after[k])]
+    assert unchanged == []
+    assert (tmp_path / "rm" / "metrics.json").exists()
+
+
+def test_score_batches_match_single_calls():
+    rm = RewardModel.from_backbone("tiny")
+    texts = ["great fun", "awful", "the film was really boring", "", "loved it"]
+    batched = rm.score(texts, batch_size=2)
+    single = [rm.score([t])[0] for t in texts]
+    assert batched == pytest.approx(single, abs=1e-5)
+
+
+def test_load_rejects_non_reward_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a trained reward model"):
+        RewardModel.load(tmp_path)
