@@ -1,0 +1,109 @@
+"""The run report: plots of the training curves and before/after samples, as Markdown + PNG.
+
+Reads ``<run>/metrics.csv`` (one row per PPO iteration) and ``<run>/eval/`` (``summary.json``,
+``samples.parquet``) and writes ``<run>/report.md`` with ``<run>/report/*.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+# metrics.csv column -> plot title; a missing column is skipped.
+CURVES = {
+    "rm_score": "reward-model score (normalised)",
+    "gold_score": "gold score (VADER compound)",
+    "kl": "KL to reference (nats / response)",
+    "kl_coef": "KL coefficient",
+}
+
+
+def read_metrics(path: Path) -> dict[str, list[float]]:
+    """Columns of a metrics CSV as float lists (non-numeric cells become NaN)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols: dict[str, list[float]] = {}
+    for row in rows:
+        for k, v in row.items():
+            try:
+                cols.setdefault(k, []).append(float(v))
+            except (TypeError, ValueError):
+                cols.setdefault(k, []).append(float("nan"))
+    return cols
+
+
+def plot_curves(cols: dict[str, list[float]], out: Path) -> list[Path]:
+    """One PNG per training curve plus gold-vs-KL; returns the written files."""
+    out.mkdir(parents=True, exist_ok=True)
+    x = cols.get("iteration") or list(range(1, len(next(iter(cols.values()), [])) + 1))
+    files = []
+    for key, title in CURVES.items():
+        if key not in cols:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        ax.plot(x, cols[key], marker="o", ms=3)
+        ax.set(title=title, xlabel="iteration")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        files.append(out / f"{key}.png")
+        fig.savefig(files[-1])
+        plt.close(fig)
+    if "kl" in cols and "gold_score" in cols:
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        sc = ax.scatter(cols["kl"], cols["gold_score"], c=x, cmap="viridis", s=18)
+        fig.colorbar(sc, ax=ax, label="iteration")
+        ax.set(title="gold score against KL", xlabel="KL to reference (nats / response)", ylabel="gold score")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        files.append(out / "gold_vs_kl.png")
+        fig.savefig(files[-1])
+        plt.close(fig)
+    return files
+
+
+def _cell(text: str, width: int = 160) -> str:
+    """A Markdown-table-safe, shortened cell."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def samples_table(samples: Path, n: int = 8) -> str:
+    """Markdown table of reference vs policy responses to the same held-out prompts."""
+    rows = pq.read_table(samples).to_pylist()
+    ref = {r["prompt"]: r for r in rows if r["model"] == "reference"}
+    pol = [r for r in rows if r["model"] == "policy" and r["prompt"] in ref][:n]
+    lines = ["| prompt | reference (gold) | policy (gold, KL) |", "|---|---|---|"]
+    for p in pol:
+        r = ref[p["prompt"]]
+        lines.append(f"| {_cell(p['prompt'], 90)} | {_cell(r['response'])} ({r['gold_score']:+.2f}) "
+                     f"| {_cell(p['response'])} ({p['gold_score']:+.2f}, {p['kl']:.1f}) |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write report.md and its PNGs for a run directory; returns the report path."""
+    run = Path(run_dir)
+    parts = [f"# alignray run report: `{run}`", ""]
+    pngs = plot_curves(read_metrics(run / "metrics.csv"), run / "report") if (run / "metrics.csv").exists() else []
+    summary_path = run / "eval" / "summary.json"
+    if summary_path.exists():
+        s = json.loads(summary_path.read_text())
+        ref, pol = s["reference_metrics"], s["policy_metrics"]
+        parts += [f"Held-out evaluation on {s['prompts']} prompts: policy `{s['policy']}` against reference "
+                  f"`{s['reference']}`.", "", "| metric | reference | policy |", "|---|---|---|"]
+        parts += [f"| {k} | {ref[k]:.3f} | {pol[k]:.3f} |" for k in
+                  ("rm_score", "gold_score", "kl", "length", "eos_rate", "distinct_1", "distinct_2")]
+        parts += ["", f"Gold-score gain: **{s['gold_gain']:+.3f}** (± {pol['gold_score_sem']:.3f} s.e.)", ""]
+    parts += ["## Training curves", ""] + [f"![{p.stem}](report/{p.name})" for p in pngs] + [""]
+    if (run / "eval" / "samples.parquet").exists():
+        parts += ["## Before and after: the same held-out prompts", "", samples_table(run / "eval" / "samples.parquet"), ""]
+    out = run / "report.md"
+    out.write_text("\n".join(parts))
+    return out

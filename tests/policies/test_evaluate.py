@@ -1,0 +1,68 @@
+"""Evaluation on tiny models: every column, KL exactly 0 when the policy is the reference, distinct-n."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.config import load_config
+from envs.data import write_prompts
+from policies.evaluate import distinct_n, evaluate
+from policies.models import export_pretrained, tiny_causal_lm
+from policies.report import write_report
+
+
+@pytest.fixture()
+def tiny_cfg(tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.parquet", ["the film was", "the plot is", "a movie", "the acting"],
+                            ["test", "test", "test", "train"])
+    return load_config(None, ["model.policy=tiny", "reward_model.backbone=tiny", f"reward_model.path={tmp_path / 'no_rm'}",
+                              f"data.prompts={prompts}", "run.eval_prompts=3", "env.max_new_tokens=5"])
+
+
+def test_distinct_n_by_hand():
+    # bigrams: (a b) (b a) (a b) | (a b) -> 2 distinct of 4
+    assert distinct_n(["a b a b", "a b"], 2) == pytest.approx(2 / 4)
+    assert distinct_n(["a a a"], 1) == pytest.approx(1 / 3)
+    assert distinct_n([""], 2) == 0.0
+
+
+def test_eval_of_reference_copy_has_zero_kl_and_all_columns(tmp_path, tiny_cfg):
+    model, tok = tiny_causal_lm()
+    export_pretrained(model, tok, tmp_path / "policy")
+    summary = evaluate(tiny_cfg, str(tmp_path / "policy"), out_dir=tmp_path / "eval")
+    table = pq.read_table(tmp_path / "eval" / "samples.parquet")
+    assert set(table.column_names) >= {"model", "prompt", "response", "rm_score", "gold_score", "kl", "length", "eos"}
+    assert table.num_rows == 6
+    assert all(abs(k) < 1e-4 for k in table.column("kl").to_pylist())
+    ref, pol = summary["reference_metrics"], summary["policy_metrics"]
+    # Same weights and the same seed: the policy reproduces the reference's samples exactly.
+    assert pol["gold_score"] == ref["gold_score"] and pol["length"] == ref["length"]
+    saved = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert saved["gold_gain"] == 0.0
+
+
+def test_eval_of_changed_policy_has_positive_kl(tmp_path, tiny_cfg):
+    import torch
+
+    model, tok = tiny_causal_lm()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)  # sharper distribution: KL(pi || ref) > 0
+    export_pretrained(model, tok, tmp_path / "policy")
+    summary = evaluate(tiny_cfg, str(tmp_path / "policy"), out_dir=tmp_path / "eval")
+    assert summary["policy_metrics"]["kl"] > 0.0
+
+
+def test_report_from_metrics_and_eval(tmp_path, tiny_cfg):
+    run = tmp_path / "run"
+    model, tok = tiny_causal_lm()
+    export_pretrained(model, tok, run / "policy")
+    (run / "metrics.csv").write_text("iteration,rm_score,gold_score,kl,kl_coef\n1,0.1,0.0,0.5,0.05\n2,0.3,0.2,1.5,0.06\n")
+    evaluate(tiny_cfg, str(run), out_dir=run / "eval")
+    report = write_report(run)
+    text = report.read_text()
+    for name in ("rm_score", "gold_score", "kl", "kl_coef", "gold_vs_kl"):
+        png = run / "report" / f"{name}.png"
+        assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+        assert f"report/{name}.png" in text
+    assert "| prompt | reference (gold) | policy (gold, KL) |" in text
