@@ -80,7 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     """Serve a policy (and the reward model) over OpenAI-compatible HTTP with Ray Serve."""
     from serve.run import run_serve
 
-    run_serve(args.model, load_config(args.config, args.overrides), reward_model=args.reward_model)
+    preset, overrides = _split_overrides(args)
+    run_serve(args.model, load_config(preset, overrides), reward_model=args.reward_model)
 
 
 def cmd_submit(args: argparse.Namespace) -> None:

@@ -90,9 +90,9 @@ class PPOConfig:
     iterations: int = 20
     """Training iterations (one rollout + one update each)."""
     episodes_per_iteration: int = 64
-    """Responses sampled per iteration across all EnvRunners (the train batch, in episodes)."""
+    """Responses per iteration across all EnvRunners; RLlib counts tokens, so an iteration collects episodes_per_iteration * env.max_new_tokens tokens."""
     minibatch_episodes: int = 16
-    """Episodes per SGD minibatch."""
+    """Episodes per SGD minibatch (minibatch_episodes * env.max_new_tokens tokens, not shuffled so episodes pack)."""
     epochs: int = 2
     """SGD passes over each train batch."""
     lr: float = 1e-5
@@ -143,6 +143,8 @@ class RolloutConfig:
     """CPUs per EnvRunner."""
     custom_resources_per_env_runner: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each EnvRunner needs, to pin rollouts to a worker group."""
+    custom_resources_per_learner: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each remote Learner needs, to pin learners to a (GPU) worker group."""
     reward_model_placement: Literal["local", "actor"] = "local"
     """Score in each EnvRunner ('local') or in one shared batched Ray actor ('actor')."""
     restart_failed_env_runners: bool = True
@@ -163,7 +165,7 @@ class ServeConfig:
     """Largest request body accepted."""
     max_batch_size: int = 16
     """Requests gathered into one batched generation (1 = batching off)."""
-    batch_wait_timeout_s: float = 0.01
+    batch_wait_timeout_s: float = 0.05
     """How long a batch waits to fill."""
     min_replicas: int = 1
     """Autoscaling lower bound."""
@@ -175,6 +177,10 @@ class ServeConfig:
     """CPUs per model replica."""
     num_gpus_per_replica: float = 0.0
     """GPUs per model replica."""
+    max_ongoing_requests: int = 64
+    """Requests one replica accepts at once (queued ones included); must be >= max_batch_size for batches to fill."""
+    model_name: str = ""
+    """Model id clients pass as `model` (empty = the directory name, or 'smollm2')."""
 
 
 @dataclass
@@ -254,6 +260,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "rollout.num_gpus_per_learner": (lambda v: v >= 0, "a number >= 0"),
     "rollout.num_gpus_per_env_runner": (lambda v: v >= 0, "a number >= 0"),
     "rollout.num_cpus_per_env_runner": (lambda v: v >= 0, "a number >= 0"),
+    "rollout.custom_resources_per_learner": (lambda v: all(x >= 0 for x in v.values()), "a mapping of resource name to a number >= 0"),
     "serve.port": (lambda v: 0 <= v <= 65535, "a port number in [0, 65535]"),
     "serve.max_tokens_limit": (lambda v: v >= 1, "an integer >= 1"),
     "serve.max_request_bytes": (lambda v: v >= 1024, "an integer >= 1024"),
@@ -262,6 +269,9 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "serve.min_replicas": (lambda v: v >= 0, "an integer >= 0"),
     "serve.max_replicas": (lambda v: v >= 1, "an integer >= 1"),
     "serve.target_ongoing_requests": (lambda v: v >= 1, "an integer >= 1"),
+    "serve.num_cpus_per_replica": (lambda v: v >= 0, "a number >= 0"),
+    "serve.num_gpus_per_replica": (lambda v: v >= 0, "a number >= 0"),
+    "serve.max_ongoing_requests": (lambda v: v >= 1, "an integer >= 1"),
     "run.seed": (lambda v: v >= 0, "an integer >= 0"),
     "run.checkpoint_every": (lambda v: v >= 1, "an integer >= 1"),
     "run.eval_prompts": (lambda v: v >= 1, "an integer >= 1"),

@@ -13,9 +13,11 @@ Deterministic for a given seed on one machine.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -31,11 +33,21 @@ DATA = Path(__file__).parent
 
 
 @torch.no_grad()
-def sample_pairs(model, tok, prompts: list[str], cfg, batch: int, bar: tqdm) -> list[tuple[str, str]]:
-    """Two sampled responses for each prompt, generated in left-padded batches."""
+def sample_pairs(model, tok, prompts: list[str], cfg, batch: int, bar: tqdm, cache: Path) -> list[tuple[str, str]]:
+    """Two sampled responses for each prompt, generated in left-padded batches.
+
+    Each batch is saved to `cache` as it finishes, and a rerun picks up where the last one
+    stopped (the sampling seed is derived from the batch index, so the result is the same).
+    """
     out: list[tuple[str, str]] = []
+    done = json.loads(cache.read_text()) if cache.exists() else []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
+        if i // batch < len(done):
+            out += [tuple(p) for p in done[i // batch]]
+            bar.update(len(chunk))
+            continue
+        torch.manual_seed(hash_seed(cache.name, i))
         ids = [prompt_ids(tok, p, cfg.env.instruction, cfg.env.chat_template, cfg.env.max_prompt_tokens) for p in chunk]
         width = max(map(len, ids))
         input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids])
@@ -45,9 +57,17 @@ def sample_pairs(model, tok, prompts: list[str], cfg, batch: int, bar: tqdm) -> 
             max_new_tokens=cfg.env.max_new_tokens, num_return_sequences=2, pad_token_id=tok.pad_token_id,
         )
         texts = tok.batch_decode(gen[:, width:], skip_special_tokens=True)
-        out += [(texts[2 * j].strip(), texts[2 * j + 1].strip()) for j in range(len(chunk))]
+        pairs = [(texts[2 * j].strip(), texts[2 * j + 1].strip()) for j in range(len(chunk))]
+        out += pairs
+        done.append(pairs)
+        cache.write_text(json.dumps(done))
         bar.update(len(chunk))
     return out
+
+
+def hash_seed(name: str, index: int) -> int:
+    """A stable per-batch seed (Python's hash() is salted per process)."""
+    return zlib.crc32(f"{name}:{index}".encode())
 
 
 def label(prompts: list[str], pairs: list[tuple[str, str]], split: str, tau: float, rng: random.Random) -> list[dict]:
@@ -74,7 +94,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--out", default=str(DATA / "preferences.parquet"))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is robust on a busy machine)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cache_dir = DATA / ".cache"
+    cache_dir.mkdir(exist_ok=True)
     cfg = load_config("demo")
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
@@ -86,7 +110,8 @@ def main() -> None:
         pool = load_prompts(DATA / "prompts.parquet", split)
         prompts = [rng.choice(pool) for _ in range(int(n * 1.1) + 8)]
         with tqdm(total=len(prompts), desc=f"sampling {split} pairs", unit="pair") as bar:
-            pairs = sample_pairs(model, tok, prompts, cfg, args.batch, bar)
+            cache = cache_dir / f"{split}-{n}-seed{args.seed}-{args.model.replace('/', '_')}.json"
+            pairs = sample_pairs(model, tok, prompts, cfg, args.batch, bar, cache)
         rows += label(prompts, pairs, split, args.tau, rng)[:n]
     write_preferences(args.out, rows)
     print(f"{args.out}: {len(rows)} pairs in {time.time() - start:.0f}s")

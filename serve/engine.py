@@ -45,6 +45,8 @@ class GenerationJob:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False
+    """Treat EOS as an ordinary token (benchmarks that need exactly max_tokens tokens)."""
 
 
 @dataclass
@@ -136,7 +138,7 @@ class GenerationEngine:
 
     def make_job(self, prompt_ids: list[int], max_tokens: int | None, temperature: float | None = None,
                  top_p: float | None = None, stop: list[str] | None = None, seed: int | None = None,
-                 default_max_tokens: int = 16, param: str = "prompt") -> GenerationJob:
+                 default_max_tokens: int = 16, param: str = "prompt", ignore_eos: bool = False) -> GenerationJob:
         """Check a prompt and its parameters against the model and the limits; build the job."""
         n_prompt = len(prompt_ids)
         if n_prompt == 0:
@@ -158,7 +160,8 @@ class GenerationEngine:
                 code="context_length_exceeded")
         return GenerationJob(prompt_ids=list(prompt_ids), max_tokens=max_tokens,
                              temperature=1.0 if temperature is None else temperature,
-                             top_p=1.0 if top_p is None else top_p, stop=list(stop or []), seed=seed)
+                             top_p=1.0 if top_p is None else top_p, stop=list(stop or []), seed=seed,
+                             ignore_eos=ignore_eos)
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -208,7 +211,7 @@ class GenerationEngine:
 
     def _advance(self, job: GenerationJob, tokens: list[int], token: int, sent: list[int], i: int) -> Delta:
         """Append one token to a job, decode, check EOS / stop strings / length; return the new text."""
-        eos = token in self.eos_ids
+        eos = token in self.eos_ids and not job.ignore_eos
         if not eos:
             tokens.append(token)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 MAX_N = 16
 """Most choices one request may ask for (``n``)."""
@@ -46,7 +46,7 @@ def _check_stop(stop: str | list[str] | None) -> list[str]:
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: StrictBool = False
     """Send a last chunk with token usage before ``[DONE]``."""
 
 
@@ -56,12 +56,14 @@ class _SamplingRequest(_Request):
     model: str = Field(min_length=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(None, ge=1, le=MAX_N)
+    n: StrictInt | None = Field(None, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None
     user: str | None = None
+    ignore_eos: StrictBool = False
+    """Keep writing past EOS until max_tokens (vLLM's extension; for benchmarks)."""
 
     @field_validator("stop")
     @classmethod
@@ -73,7 +75,7 @@ class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions``: continue a prompt (a string, or a list of strings)."""
 
     prompt: str | list[str]
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
     """Tokens to generate per choice; default 16 (OpenAI's default)."""
 
     @field_validator("prompt")
@@ -108,9 +110,9 @@ class ChatCompletionRequest(_SamplingRequest):
     """``POST /v1/chat/completions``: answer a conversation, formatted with the tokenizer's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
     """Tokens to generate per choice; default: the configured limit, capped by the context."""
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
     """OpenAI's newer name for ``max_tokens``; wins when both are given."""
 
     @field_validator("messages")
@@ -127,7 +129,7 @@ class RewardRequest(_Request):
     texts: list[str] = Field(min_length=1, max_length=MAX_REWARD_TEXTS)
     prompts: list[str] | None = None
     """The prompt of each text, used when the reward model was trained with ``include_prompt``."""
-    normalize: bool = False
+    normalize: StrictBool = False
     """Standardise scores with the mean/std measured on the reward model's training data."""
     model: str | None = None
 

@@ -1,0 +1,158 @@
+"""Serving benchmark: batched vs batching-off Ray Serve deployments of the same model, side by side.
+
+Both applications run in one Serve instance on loopback (``/batched`` with
+``serve.max_batch_size=16``, ``/unbatched`` with ``serve.max_batch_size=1``), each one replica
+with the same CPU and thread budget. Each is driven in turn by ``--clients`` concurrent
+closed-loop clients sending ``--tokens``-token completions (``ignore_eos`` so every request
+writes exactly that many tokens) for ``--duration`` seconds after a warm-up, alternating
+between the two for ``--rounds`` rounds so that other load on the machine hits both alike. Reported: requests/s,
+tokens/s, p50/p99 latency, the mean number of requests per batched generation, and the ratio.
+
+    python bench/serve_bench.py                      # SmolLM2, 16 clients, 32 tokens, 2 x 35 s each
+    python bench/serve_bench.py --model tiny --duration 10   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPTS = [
+    "Write a short review of a science fiction movie.",
+    "Describe your favourite film in a few sentences.",
+    "What makes a comedy movie funny?",
+    "Tell me about a movie with a surprising ending.",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation."""
+    xs = sorted(values)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+async def drive(url: str, model: str, clients: int, tokens: int, duration: float, warmup: float) -> dict:
+    """Closed-loop load: `clients` workers, each sending one request after another."""
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + duration
+
+    async def worker(i: int, client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        k = 0
+        while time.perf_counter() < stop_at:
+            body = {"model": model, "prompt": PROMPTS[(i + k) % len(PROMPTS)], "max_tokens": tokens,
+                    "temperature": 0.8, "seed": i * 1000 + k, "ignore_eos": True}
+            t0 = time.perf_counter()
+            r = await client.post(url + "/v1/completions", json=body)
+            t1 = time.perf_counter()
+            k += 1
+            if r.status_code != 200 or r.json()["usage"]["completion_tokens"] != tokens:
+                errors += 1
+            elif measure_from <= t1 <= stop_at:  # completed inside the window
+                latencies.append(t1 - t0)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        tasks = [asyncio.create_task(worker(i, client)) for i in range(clients)]
+        await asyncio.wait(tasks, timeout=stop_at - time.perf_counter())
+        for task in tasks:  # requests still running past the window do not count: drop them
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {"latencies": latencies, "errors": errors, "duration": duration}
+
+
+def summarize(runs: list[dict], tokens: int) -> dict:
+    """Merge the measuring windows of several rounds into one row of results."""
+    latencies = [x for r in runs for x in r["latencies"]]
+    duration = sum(r["duration"] for r in runs)
+    if not latencies:
+        raise RuntimeError("no request completed inside the measuring windows")
+    return {
+        "requests": len(latencies), "errors": sum(r["errors"] for r in runs),
+        "requests_per_s": len(latencies) / duration,
+        "tokens_per_s": len(latencies) * tokens / duration,
+        "p50_latency_s": statistics.median(latencies),
+        "p99_latency_s": percentile(latencies, 0.99),
+    }
+
+
+def start(args: argparse.Namespace) -> tuple[dict[str, str], str]:
+    """Start Ray and the two applications; return their URLs and the served model id."""
+    import ray
+
+    from cluster.config import load_config
+    from serve.run import resolve_policy, start_app
+
+    ray.init(num_cpus=2 * args.cpus, include_dashboard=False, log_to_driver=False)
+    common = [f"serve.port={args.port}", f"serve.num_cpus_per_replica={args.cpus}",
+              f"run.torch_threads={args.threads}", "serve.max_tokens_limit=256", "serve.max_ongoing_requests=64"]
+    urls = {}
+    for name, batch in (("batched", args.clients), ("unbatched", 1)):
+        cfg = load_config(None, common + [f"serve.max_batch_size={batch}",
+                                          f"serve.batch_wait_timeout_s={args.batch_wait}"])
+        urls[name] = start_app(args.model, cfg, name=name, route_prefix=f"/{name}")
+    return urls, resolve_policy(args.model)[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2", help="smollm2, tiny, or an HF model / run directory")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--duration", type=float, default=35.0, help="measured seconds per deployment and round")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="alternate batched/unbatched this many times (evens out other load on the machine)")
+    p.add_argument("--warmup", type=float, default=15.0, help="unmeasured seconds before each measurement")
+    p.add_argument("--cpus", type=float, default=1.0, help="CPUs (Ray resource) per replica")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per replica (same for both)")
+    p.add_argument("--batch-wait", type=float, default=0.1,
+                   help="serve.batch_wait_timeout_s of the batched deployment (a wave of requests through the proxy spreads over tens of ms)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = p.parse_args()
+
+    import ray
+    from ray import serve
+
+    urls, model = start(args)
+    runs: dict[str, list[dict]] = {"batched": [], "unbatched": []}
+    results = {}
+    try:
+        for round_ in range(args.rounds):
+            for name in runs:
+                print(f"round {round_ + 1}/{args.rounds}: {name} ({args.clients} clients, {args.tokens} tokens, "
+                      f"{args.duration:.0f} s)", flush=True)
+                run = asyncio.run(drive(urls[name], model, args.clients, args.tokens, args.duration, args.warmup))
+                runs[name].append(run)
+                print(f"  {len(run['latencies']) / args.duration:.2f} req/s", flush=True)
+        for name in runs:
+            results[name] = summarize(runs[name], args.tokens)
+            stats = httpx.get(urls[name] + "/healthz").json()["batching"]
+            results[name]["mean_requests_per_batch"] = stats["requests"] / max(stats["batches"], 1)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    ratio = results["batched"]["requests_per_s"] / results["unbatched"]["requests_per_s"]
+    print(f"\nmodel {args.model}, {args.clients} concurrent clients, {args.tokens}-token completions, "
+          f"{args.threads} torch thread(s) per replica")
+    print(f"{'deployment':<11} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} {'req/batch':>9} {'n':>5} {'err':>4}")
+    for name, r in results.items():
+        print(f"{name:<11} {r['requests_per_s']:7.2f} {r['tokens_per_s']:7.1f} {r['p50_latency_s']:7.2f} "
+              f"{r['p99_latency_s']:7.2f} {r['mean_requests_per_batch']:9.1f} {r['requests']:5d} {r['errors']:4d}")
+    print(f"batched / unbatched requests per second: {ratio:.2f}x (target >= 4x)")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results, "ratio": ratio}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Fixtures for the serve tests: tiny model directories, free ports, a Ray Serve application."""
+
+from __future__ import annotations
+
+import pytest
+
+from envs.reward_model import RewardModel
+from policies.models import export_pretrained, tiny_causal_lm, tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory):
+    """An exported tiny Llama whose vocabulary is exactly the tiny tokenizer's (so it writes words)."""
+    model, tok = tiny_causal_lm(vocab_size=len(tiny_tokenizer()))
+    return str(export_pretrained(model, tok, tmp_path_factory.mktemp("serve") / "tiny-policy"))
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory):
+    """A saved tiny reward model (random head)."""
+    return str(RewardModel.from_backbone("tiny").save(tmp_path_factory.mktemp("serve") / "tiny-rm"))

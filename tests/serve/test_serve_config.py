@@ -1,0 +1,91 @@
+"""The cluster Serve config file and the application builder, without starting Ray."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import (
+    DeploymentSchema, HTTPOptionsSchema, RayActorOptionsSchema, ServeApplicationSchema, ServeDeploySchema,
+)
+
+from cluster.config import ConfigError, load_config
+from policies.models import ModelLoadError
+from serve.run import build_app, build_application, deployment_options, resolve_policy
+
+CONFIG = Path(__file__).resolve().parents[2] / "serve" / "serve_config.yaml"
+
+
+def assert_known_keys(data: dict, schema: type[BaseModel], where: str) -> None:
+    """Serve's schemas ignore unknown keys (forward compatibility); a typo here would be silent."""
+    unknown = set(data) - set(schema.model_fields)
+    assert not unknown, f"{where}: unknown keys {sorted(unknown)}"
+
+
+def test_serve_config_matches_serves_schema():
+    raw = yaml.safe_load(CONFIG.read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    assert_known_keys(raw, ServeDeploySchema, "top level")
+    assert_known_keys(raw["http_options"], HTTPOptionsSchema, "http_options")
+    (app,) = raw["applications"]
+    assert_known_keys(app, ServeApplicationSchema, "application")
+    for dep in app["deployments"]:
+        assert_known_keys(dep, DeploymentSchema, dep["name"])
+        assert_known_keys(dep["ray_actor_options"], RayActorOptionsSchema, dep["name"] + ".ray_actor_options")
+        scaling = AutoscalingConfig(**dep["autoscaling_config"])  # forbids unknown keys itself
+        assert 1 <= scaling.min_replicas <= scaling.max_replicas and scaling.target_ongoing_requests >= 1
+        assert dep["max_ongoing_requests"] >= scaling.target_ongoing_requests
+    assert schema.applications[0].import_path == "serve.run:build_app"
+
+
+def test_import_path_and_args_build_the_declared_deployments(tiny_policy_dir, tiny_reward_dir):
+    app = yaml.safe_load(CONFIG.read_text())["applications"][0]
+    module, attr = app["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    assert builder is build_app
+    args = {**app["args"], "model": tiny_policy_dir, "reward_model": tiny_reward_dir}
+    built = builder(args)
+    policy = built._bound_deployment
+    reward = policy.init_args[3]._bound_deployment
+    assert {policy.name, reward.name} == {d["name"] for d in app["deployments"]}
+    assert policy.init_args[2]["max_batch_size"] == 16
+
+
+def test_build_app_rejects_unknown_args(tiny_policy_dir):
+    with pytest.raises(ConfigError, match="unknown application arg 'modle'"):
+        build_app({"modle": tiny_policy_dir})
+
+
+def test_deployment_options_follow_the_config():
+    fixed = deployment_options(load_config(None, ["serve.min_replicas=2", "serve.max_replicas=2"]).serve)
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    scaled = deployment_options(load_config(None, ["serve.max_replicas=3", "serve.num_cpus_per_replica=2"]).serve)
+    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 16}
+    assert scaled["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
+    with pytest.raises(ConfigError, match="serve.min_replicas"):
+        deployment_options(load_config(None, ["serve.min_replicas=3", "serve.max_replicas=2"]).serve)
+    with pytest.raises(ConfigError, match="serve.max_ongoing_requests"):
+        deployment_options(load_config(None, ["serve.max_ongoing_requests=4"]).serve)
+
+
+def test_resolve_policy_accepts_model_and_run_directories(tiny_policy_dir, tmp_path):
+    assert resolve_policy("smollm2") == ("smollm2", "smollm2")
+    assert resolve_policy(tiny_policy_dir) == (str(Path(tiny_policy_dir).resolve()), "tiny-policy")
+    run = tmp_path / "my-run"
+    (run / "policy").mkdir(parents=True)
+    (run / "policy" / "config.json").write_text("{}")
+    assert resolve_policy(str(run)) == (str((run / "policy").resolve()), "my-run")
+    assert resolve_policy(str(run / "policy"))[1] == "my-run"
+    with pytest.raises(ModelLoadError, match="neither"):
+        resolve_policy(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="no such directory"):
+        resolve_policy(str(tmp_path / "missing"))
+
+
+def test_build_application_checks_the_reward_model_dir(tiny_policy_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="reward model"):
+        build_application(tiny_policy_dir, load_config(), reward_model=str(tmp_path))
