@@ -20,7 +20,7 @@ import pyarrow.parquet as pq  # noqa: E402
 CURVES = {
     "rm_score": "reward-model score (normalised)",
     "gold_score": "gold score (VADER compound)",
-    "kl": "KL to reference (nats / response)",
+    "kl_ref": "KL to reference (nats / response)",
     "kl_coef": "KL coefficient",
 }
 
@@ -55,9 +55,9 @@ def plot_curves(cols: dict[str, list[float]], out: Path) -> list[Path]:
         files.append(out / f"{key}.png")
         fig.savefig(files[-1])
         plt.close(fig)
-    if "kl" in cols and "gold_score" in cols:
+    if "kl_ref" in cols and "gold_score" in cols:
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-        sc = ax.scatter(cols["kl"], cols["gold_score"], c=x, cmap="viridis", s=18)
+        sc = ax.scatter(cols["kl_ref"], cols["gold_score"], c=x, cmap="viridis", s=18)
         fig.colorbar(sc, ax=ax, label="iteration")
         ax.set(title="gold score against KL", xlabel="KL to reference (nats / response)", ylabel="gold score")
         ax.grid(alpha=0.3)

@@ -57,11 +57,11 @@ def test_report_from_metrics_and_eval(tmp_path, tiny_cfg):
     run = tmp_path / "run"
     model, tok = tiny_causal_lm()
     export_pretrained(model, tok, run / "policy")
-    (run / "metrics.csv").write_text("iteration,rm_score,gold_score,kl,kl_coef\n1,0.1,0.0,0.5,0.05\n2,0.3,0.2,1.5,0.06\n")
+    (run / "metrics.csv").write_text("iteration,rm_score,gold_score,kl_ref,kl_coef\n1,0.1,0.0,0.5,0.05\n2,0.3,0.2,1.5,0.06\n")
     evaluate(tiny_cfg, str(run), out_dir=run / "eval")
     report = write_report(run)
     text = report.read_text()
-    for name in ("rm_score", "gold_score", "kl", "kl_coef", "gold_vs_kl"):
+    for name in ("rm_score", "gold_score", "kl_ref", "kl_coef", "gold_vs_kl"):
         png = run / "report" / f"{name}.png"
         assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
         assert f"report/{name}.png" in text

@@ -1,0 +1,93 @@
+"""The PPO learner for the language-model policy.
+
+On top of RLlib's ``PPOTorchLearner``: the learner pipeline ends with KL-to-reference reward
+shaping followed by token-level GAE (replacing RLlib's GAE piece); the loss is the clipped PPO
+surrogate with per-minibatch advantage whitening, the PPO2 clipped value loss and an entropy
+bonus, all from :mod:`policies.ppo_math`; the KL coefficient follows a
+:class:`~policies.ppo_math.KLController` (fixed or adaptive) and is saved with the learner
+state. RLlib's own KL(old || new) loss term stays off (``use_kl_loss=False``).
+
+``learner_config_dict`` keys: ``kl_coef``, ``kl_target``, ``kl_horizon``, ``whiten_advantages``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.core.columns import Columns
+from ray.rllib.evaluation.postprocessing import Postprocessing
+from ray.rllib.utils.annotations import override
+
+from policies.advantages import TokenGAE
+from policies.kl_shaping import KLToReference
+from policies.lm_module import ENTROPY, LOGP
+from policies.ppo_math import KLController, masked_mean, pg_loss, value_loss, whiten
+
+
+class LMPPOLearner(PPOTorchLearner):
+    """PPO over token actions with KL-to-reference shaping and an adaptive KL coefficient."""
+
+    @override(PPOTorchLearner)
+    def build(self) -> None:
+        super().build()
+        opts = self.config.learner_config_dict
+        self.kl_controller = KLController(coef=float(opts.get("kl_coef", 0.05)),
+                                          target=float(opts.get("kl_target", 0.0)),
+                                          horizon=int(opts.get("kl_horizon", 10000)))
+        self.whiten_advantages = bool(opts.get("whiten_advantages", True))
+        self.kl_connector = KLToReference(controller=self.kl_controller)
+        pipe = self._learner_connector
+        if pipe is not None and self.config.add_default_connectors_to_learner_pipeline:
+            pipe.remove("GeneralAdvantageEstimation")
+            pipe.append(self.kl_connector)
+            pipe.append(TokenGAE(gamma=self.config.gamma, lambda_=self.config.lambda_))
+
+    @override(PPOTorchLearner)
+    def compute_loss_for_module(self, *, module_id, config, batch: dict[str, Any], fwd_out: dict[str, Any]) -> torch.Tensor:
+        module = self.module[module_id].unwrapped()
+        mask = batch[Columns.LOSS_MASK].bool() if Columns.LOSS_MASK in batch else None  # (N,)
+        advantages = batch[Postprocessing.ADVANTAGES]  # (N,)
+        if self.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        logp, old_logp = fwd_out[LOGP], batch[Columns.ACTION_LOGP].float()  # (N,)
+        policy_loss, clipfrac = pg_loss(logp, old_logp, advantages, config.clip_param, mask)
+        values = module.compute_values(batch, embeddings=fwd_out[Columns.EMBEDDINGS])  # (N,)
+        vf_loss = value_loss(values, batch[Columns.VF_PREDS], batch[Postprocessing.VALUE_TARGETS],
+                             config.vf_clip_param, mask)
+        entropy = masked_mean(fwd_out[ENTROPY], mask)
+        entropy_coeff = self.entropy_coeff_schedulers_per_module[module_id].get_current_value()
+        total = policy_loss + config.vf_loss_coeff * vf_loss - entropy_coeff * entropy
+        with torch.no_grad():
+            log_ratio = logp - old_logp
+            approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+        self.metrics.log_dict({
+            "policy_loss": policy_loss, "vf_loss": vf_loss, "entropy": entropy, "total_loss_pg": total,
+            "approx_kl": approx_kl, "clipfrac": clipfrac,
+            "value_mean": masked_mean(values.detach(), mask),
+        }, key=module_id, window=1)
+        return total
+
+    @override(PPOTorchLearner)
+    def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
+        super().after_gradient_based_update(timesteps=timesteps)
+        last = self.kl_connector.last
+        if last:
+            for module_id in self.module.keys():
+                self.metrics.log_dict({k: v for k, v in last.items()}, key=module_id, window=1)
+            self.kl_controller.update(last["kl_ref"], int(round(last["responses"])))
+        for module_id in self.module.keys():
+            self.metrics.log_value((module_id, "kl_coef"), self.kl_controller.coef, window=1)
+
+    @override(PPOTorchLearner)
+    def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        state["kl_controller"] = {"coef": self.kl_controller.coef}
+        return state
+
+    @override(PPOTorchLearner)
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        if "kl_controller" in state:
+            self.kl_controller.coef = float(state["kl_controller"]["coef"])

@@ -1,0 +1,121 @@
+"""The language-model policy as an RLlib new-API-stack ``TorchRLModule``.
+
+- EnvRunners (``inference_only``) hold only the causal LM. ``_forward_exploration`` samples the
+  next token with temperature / top-k / top-p through a private prefix-keyed KV cache and
+  returns only ``actions`` and ``action_logp`` (never full-vocabulary logits, which RLlib would
+  store for every token of every episode). ``_forward_inference`` decodes greedily.
+- The Learner also holds a value head (``ValueFunctionAPI``) on the LM's final hidden state and
+  a frozen reference copy of the initial LM (for the KL penalty); both are listed in
+  ``get_non_inference_attributes`` so EnvRunners never build or receive them. The reference
+  model is kept out of ``state_dict`` (it is rebuilt from the model spec), so checkpoints and
+  weight syncs carry only the policy and value head.
+- ``_forward_train`` packs each episode's rows into one causal pass (:mod:`policies.packing`).
+
+``model_config`` keys: ``policy`` (model spec), ``dtype``, ``tiny_vocab_size``,
+``temperature``, ``top_k``, ``top_p``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, ValueFunctionAPI
+from ray.rllib.core.rl_module.torch import TorchRLModule
+from ray.rllib.utils.annotations import override
+from torch import nn
+
+from policies.kv_cache import PrefixKVCache
+from policies.models import load_causal_lm
+from policies.packing import pack_rows, packed_hidden
+from policies.ppo_math import entropy_from_logits
+from policies.sampling import greedy_tokens, sample_tokens, scaled_logp
+
+LOGP = "logp"
+ENTROPY = "entropy"
+
+
+class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
+    """Causal LM policy (+ value head and reference model on the Learner)."""
+
+    @override(TorchRLModule)
+    def setup(self) -> None:
+        super().setup()
+        mc = self.model_config or {}
+        self.spec = (mc.get("policy", "tiny"), mc.get("dtype", "float32"), mc.get("tiny_vocab_size", 512))
+        self.temperature = float(mc.get("temperature", 1.0))
+        self.top_k, self.top_p = int(mc.get("top_k", 0)), float(mc.get("top_p", 1.0))
+        self.lm, _ = load_causal_lm(*self.spec)
+        self._kv = PrefixKVCache()
+        if self.inference_only:
+            self.eval()  # EnvRunners only sample: no train/eval toggling of every submodule per step
+        else:
+            hidden = self.lm.config.get_text_config().hidden_size
+            self.vf_head = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.vf_head.weight)
+            nn.init.zeros_(self.vf_head.bias)
+            ref, _ = load_causal_lm(*self.spec)
+            ref.requires_grad_(False)
+            object.__setattr__(self, "_ref_lm", ref.eval())  # not a submodule: no state, no optimizer
+
+    @override(InferenceOnlyAPI)
+    def get_non_inference_attributes(self) -> list[str]:
+        return ["vf_head", "_ref_lm"]
+
+    # -- EnvRunner side ------------------------------------------------------------------
+
+    def next_token_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Next-token logits (B, V) of each slot's context, through the prefix KV cache."""
+        obs = batch[Columns.OBS]
+        return self._kv.next_logits(self.lm, obs["input_ids"], obs["length"])
+
+    @override(TorchRLModule)
+    def _forward_exploration(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        with torch.no_grad():
+            actions, logp = sample_tokens(self.next_token_logits(batch), self.temperature, self.top_k, self.top_p)
+        return {Columns.ACTIONS: actions, Columns.ACTION_LOGP: logp}
+
+    @override(TorchRLModule)
+    def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        with torch.no_grad():
+            return {Columns.ACTIONS: greedy_tokens(self.next_token_logits(batch))}
+
+    @override(TorchRLModule)
+    def set_state(self, state) -> None:
+        super().set_state(state)
+        self._kv.clear()  # cached keys/values belong to the old weights
+
+    # -- Learner side --------------------------------------------------------------------
+
+    def _hidden(self, lm, batch: dict[str, Any]) -> torch.Tensor:
+        """Final hidden state at each row's last context token, packed per episode. (N, H)."""
+        obs = batch[Columns.OBS]
+        return packed_hidden(lm.base_model, pack_rows(obs["input_ids"], obs["length"]))
+
+    def _token_logp(self, lm, hidden: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-prob of each row's action (N,), tempered log-probs (N, V)) from hidden states (N, H)."""
+        logp_all = scaled_logp(lm.get_output_embeddings()(hidden), self.temperature)  # (N, V)
+        return logp_all.gather(-1, actions.long()[:, None]).squeeze(-1), logp_all
+
+    @override(TorchRLModule)
+    def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        hidden = self._hidden(self.lm, batch)  # (N, H)
+        logp, logp_all = self._token_logp(self.lm, hidden, batch[Columns.ACTIONS])
+        return {LOGP: logp, ENTROPY: entropy_from_logits(logp_all), Columns.EMBEDDINGS: hidden}
+
+    @override(ValueFunctionAPI)
+    def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
+        """Value of each row's state (N,); without embeddings a no-grad packed forward computes them."""
+        if embeddings is None:
+            with torch.no_grad():
+                embeddings = self._hidden(self.lm, batch)
+        return self.vf_head(embeddings).squeeze(-1)
+
+    @torch.no_grad()
+    def ref_logp(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Log-prob of each row's action under the frozen reference model (tempered). (N,)."""
+        ref = self._ref_lm
+        if ref.device != self.lm.device:
+            ref.to(self.lm.device)
+        return self._token_logp(ref, self._hidden(ref, batch), batch[Columns.ACTIONS])[0]

@@ -1,0 +1,109 @@
+"""The maths of RLHF-PPO as plain functions: KL estimates, reward shaping, GAE, whitening, losses, KL control.
+
+Nothing here knows about Ray or RLlib; every function has a hand-checked unit test in
+``tests/policies/test_ppo_math.py``. Shapes: ``N`` rows (one per generated token), ``T``
+timesteps of one episode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL estimate ``log pi(a) - log pi_ref(a)`` for a sampled from pi (unbiased, can be < 0). (N,) -> (N,)."""
+    return logp - ref_logp
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL estimate ``exp(r) - 1 - r`` with ``r = log pi_ref - log pi`` (Schulman's k3; >= 0). (N,) -> (N,)."""
+    r = ref_logp - logp
+    return torch.expm1(r) - r
+
+
+def shape_rewards(rewards: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> torch.Tensor:
+    """KL-shaped rewards ``r_t - beta * kl_t`` on valid rows; masked rows keep their reward. (N,) -> (N,)."""
+    return torch.where(mask, rewards - kl_coef * kl, rewards)
+
+
+def gae(rewards: np.ndarray, values: np.ndarray, bootstrap: float, gamma: float, lambda_: float) -> tuple[np.ndarray, np.ndarray]:
+    """Generalised advantage estimation over one episode (chunk).
+
+    ``rewards``, ``values``: (T,); ``bootstrap``: V(s_T) after the last step (0 if the response ended).
+    ``delta_t = r_t + gamma V(s_{t+1}) - V(s_t)``, ``A_t = delta_t + gamma lambda A_{t+1}``.
+    Returns (advantages (T,), value targets = advantages + values (T,)).
+    """
+    T = len(rewards)
+    next_values = np.append(values[1:], bootstrap).astype(np.float64)  # (T,)
+    deltas = rewards + gamma * next_values - values  # (T,)
+    adv = np.zeros(T, dtype=np.float64)
+    running = 0.0
+    for t in reversed(range(T)):
+        running = deltas[t] + gamma * lambda_ * running
+        adv[t] = running
+    return adv.astype(np.float32), (adv + values).astype(np.float32)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of x over rows where mask is True (all rows if mask is None). (N,) -> ()."""
+    if mask is None:
+        return x.mean()
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """Standardise x to zero mean and unit (population) std over valid rows. (N,) -> (N,)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip: float,
+            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate: ``mean(max(-A r, -A clip(r, 1-eps, 1+eps)))`` with ``r = exp(logp - old_logp)``.
+
+    Returns (loss (), fraction of rows where the clipped term was active ()).
+    """
+    ratio = torch.exp(logp - old_logp)  # (N,)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clipfrac
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, targets: torch.Tensor, clip: float,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """PPO2 clipped value loss ``0.5 mean(max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2))``. (N,) -> ()."""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    losses = torch.maximum((values - targets) ** 2, (v_clipped - targets) ** 2)
+    return 0.5 * masked_mean(losses, mask)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution of each row. (N, V) -> (N,)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass
+class KLController:
+    """KL-to-reference coefficient: fixed (``target == 0``) or adaptive (Ziegler et al. 2019).
+
+    Adaptive: ``e = clip(KL / target - 1, -0.2, 0.2)``, ``coef *= 1 + e * n / horizon``, where KL is the
+    mean per-response KL (nats) of the last batch and n its number of responses.
+    """
+
+    coef: float
+    target: float = 0.0
+    horizon: int = 10000
+
+    def update(self, kl: float, n: int) -> float:
+        """Move the coefficient after a batch with mean per-response KL `kl` over `n` responses."""
+        if self.target > 0 and np.isfinite(kl):
+            error = float(np.clip(kl / self.target - 1.0, -0.2, 0.2))
+            self.coef *= 1.0 + error * n / self.horizon
+        return self.coef

@@ -1,0 +1,44 @@
+"""Token sampling with temperature, top-k and top-p, and the log-probabilities PPO uses.
+
+The log-probability of a sampled token is taken under the temperature-scaled *full*
+distribution (as TRL does): the learner recomputes exactly that quantity, so the PPO ratio
+is 1 at the first minibatch. Top-k / top-p truncation only shapes which tokens are drawn.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def scaled_logp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-softmax of ``logits / temperature``. (..., V) -> (..., V)."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k tokens and outside the top-p nucleus to -inf. (B, V) -> (B, V)."""
+    if top_k and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row; return (tokens (B,), their log-prob under the tempered full distribution (B,))."""
+    logp = scaled_logp(logits, temperature)  # (B, V)
+    probs = torch.softmax(filter_logits(logp, top_k, top_p), dim=-1)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token of each row. (B, V) -> (B,)."""
+    return logits.argmax(-1)

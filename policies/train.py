@@ -1,0 +1,152 @@
+"""``alignray train``: PPO on the text-generation env with RLlib, metrics, checkpoints, resume, export.
+
+Layout of ``run.output_dir``::
+
+    config.yaml           the resolved config of the run
+    metrics.csv           one row per iteration (see policies.run_log.METRICS)
+    tb/                   TensorBoard scalars
+    checkpoints/iter_N/   RLlib checkpoints (policy, value head, optimizer, KL coefficient, iteration)
+                          + alignray_state.json (prompt-stream positions of every EnvRunner)
+    policy/               the final policy as a Hugging Face directory (AutoModelForCausalLM)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from cluster.config import Config, dump_config
+from policies.algo import build_ppo_config
+from policies.export import policy_from_state
+from policies.models import export_pretrained
+from policies.run_log import RunLog, read_metrics, summarize
+
+STATE_FILE = "alignray_state.json"
+
+
+def checkpoint_dir(out: Path, iteration: int) -> Path:
+    """Where the checkpoint of `iteration` goes."""
+    return out / "checkpoints" / f"iter_{iteration:06d}"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint under `out`, if any."""
+    done = [p for p in (out / "checkpoints").glob("iter_*") if (p / STATE_FILE).exists()]
+    return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None
+
+
+def _data_positions(algo) -> list[dict | None]:
+    """Prompt-stream position of every EnvRunner's vector env (None where a runner has no env)."""
+    def get(runner):
+        env = getattr(runner, "env", None)
+        return env.unwrapped.get_data_position() if env is not None else None
+
+    return algo.env_runner_group.foreach_env_runner(get, local_env_runner=True)
+
+
+def _restore_data_positions(algo, positions: list[dict | None]) -> None:
+    """Give every EnvRunner back its prompt-stream position (same order as saved)."""
+    mine = _data_positions(algo)
+    if len(mine) != len(positions):
+        print(f"alignray: {len(positions)} saved prompt positions for {len(mine)} EnvRunners; restarting the streams")
+        return
+    for idx, pos in enumerate(positions):
+        if pos is None:
+            continue
+        def put(runner, pos=pos):
+            if getattr(runner, "env", None) is not None:
+                runner.env.unwrapped.set_data_position(pos)
+        if idx == 0:
+            local = algo.env_runner_group.local_env_runner
+            if local is not None:
+                put(local)
+        else:
+            algo.env_runner_group.foreach_env_runner(put, local_env_runner=False, remote_worker_ids=[idx])
+
+
+def save_checkpoint(algo, out: Path, iteration: int) -> Path:
+    """Write an RLlib checkpoint plus our own state; the state file marks it complete."""
+    path = checkpoint_dir(out, iteration)
+    if path.exists():
+        shutil.rmtree(path)
+    algo.save_to_path(str(path.resolve()))
+    (path / STATE_FILE).write_text(json.dumps({"iteration": iteration, "data_positions": _data_positions(algo)}))
+    return path
+
+
+def policy_model(algo):
+    """The learner's current policy as a plain HF model (and its tokenizer)."""
+    from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+
+    key = f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/{DEFAULT_MODULE_ID}"
+    state = algo.learner_group.get_state(components=key)[COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]
+    return policy_from_state(state, algo.config.rl_module_spec.model_config)
+
+
+def _ensure_ray(cfg: Config) -> bool:
+    """Start (or join, with RAY_ADDRESS) Ray if needed; True when we started it."""
+    if ray.is_initialized():
+        return False
+    ray.init(include_dashboard=False, log_to_driver=cfg.rollout.num_env_runners > 0)
+    return True
+
+
+def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Run PPO for ``cfg.ppo.iterations`` iterations (continuing from the latest checkpoint if `resume`)."""
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    if cfg.run.torch_threads:
+        torch.set_num_threads(cfg.run.torch_threads)
+    started = _ensure_ray(cfg)
+    algo = build_ppo_config(cfg).build_algo()
+    try:
+        start = 0
+        ckpt = latest_checkpoint(out) if resume else None
+        if ckpt is not None:
+            algo.restore_from_path(str(ckpt.resolve()))
+            state = json.loads((ckpt / STATE_FILE).read_text())
+            _restore_data_positions(algo, state["data_positions"])
+            start = int(state["iteration"])
+        elif resume:
+            print(f"alignray: no checkpoint under {out}/checkpoints; starting from iteration 0")
+        metrics = _loop(algo, cfg, out, start, resumed=ckpt is not None)
+        model, tok = policy_model(algo)
+        metrics["policy_dir"] = str(export_pretrained(model, tok, out / "policy"))
+        print(f"alignray: {metrics['iteration']} iterations; metrics in {out / 'metrics.csv'}, "
+              f"policy in {metrics['policy_dir']}")
+        return metrics
+    finally:
+        algo.stop()
+        if started:
+            ray.shutdown()
+
+
+def _loop(algo, cfg: Config, out: Path, start: int, resumed: bool) -> dict[str, Any]:
+    """The iterations from `start` to the end, logging and checkpointing; returns the last metrics."""
+    log = RunLog(out, resume_from=start if resumed else None)
+    total, every = cfg.ppo.iterations, cfg.run.checkpoint_every
+    metrics: dict[str, Any] = {}
+    bar = tqdm(range(start, total), initial=start, total=total, desc="PPO", unit="it")
+    try:
+        for _ in bar:
+            metrics = summarize(algo.train())
+            log.write(metrics)
+            it = metrics["iteration"]
+            bar.set_postfix(rm=f"{metrics['rm_score']:.3f}", gold=f"{metrics['gold_score']:.3f}",
+                            kl=f"{metrics['kl_ref']:.3f}", coef=f"{metrics['kl_coef']:.4f}",
+                            tok_s=f"{metrics['rollout_tokens_per_s']:.0f}")
+            if it % every == 0 or it == total:
+                metrics["checkpoint"] = str(save_checkpoint(algo, out, it))
+    finally:
+        log.close()
+    if not metrics:  # nothing left to train: report the last logged iteration
+        rows = read_metrics(log.path)
+        metrics = rows[-1] if rows else {"iteration": start}
+    return metrics

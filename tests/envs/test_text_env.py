@@ -1,0 +1,128 @@
+"""The text-generation env: Gymnasium's checker, seeding, episode end, rewards, batched vector scoring."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from envs.data import write_prompts
+from envs.text_env import ENV_ID, TextGenerationEnv, make_text_env
+
+PROMPTS = ["the film was great", "I hated this movie", "the plot was bad", "a wonderful story", "the acting"]
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    return str(write_prompts(tmp_path / "prompts.parquet", PROMPTS, ["train"] * 4 + ["test"]))
+
+
+def kwargs(prompts, **extra):
+    base = dict(prompts=prompts, policy="tiny", tiny_vocab_size=64, max_new_tokens=4, max_prompt_tokens=12,
+                reward={"gold": 1.0, "length": 0.5})
+    return {**base, **extra}
+
+
+def rollout(env, seed, actions):
+    obs, _ = env.reset(seed=seed)
+    out = [obs["input_ids"].tolist()]
+    for a in actions:
+        obs, r, term, trunc, info = env.step(a)
+        out.append((obs["input_ids"].tolist(), r, term, trunc))
+        if term or trunc:
+            obs, _ = env.reset()
+            out.append(obs["input_ids"].tolist())
+    return out
+
+
+def test_registered_and_passes_check_env(prompts):
+    env = gym.make(ENV_ID, **kwargs(prompts))
+    check_env(env.unwrapped, skip_render_check=True)
+    assert isinstance(env.unwrapped, TextGenerationEnv)
+    assert env.action_space == gym.spaces.Discrete(64)
+
+
+def test_same_seed_same_episodes(prompts):
+    actions = [10, 11, 12, 13, 14, 3, 20, 21]
+    a = rollout(TextGenerationEnv(**kwargs(prompts)), 7, actions)
+    b = rollout(TextGenerationEnv(**kwargs(prompts)), 7, actions)
+    c = rollout(TextGenerationEnv(**kwargs(prompts)), 8, actions)
+    assert a == b
+    assert a != c
+
+
+def test_split_and_prompt_format(prompts):
+    env = TextGenerationEnv(**kwargs(prompts))
+    tok = env.res.tokenizer
+    seen = {tuple(env.reset(seed=s)[0]["input_ids"]) for s in range(20)}
+    texts = {tok.decode([i for i in ids if i != env.pad_id]) for ids in seen}
+    assert len(seen) == 4  # the held-out 'test' prompt never shows up
+    assert all(t.startswith("<|user|>") and t.endswith("<|assistant|>") for t in texts)  # chat template
+
+
+def test_eos_terminates_and_budget_truncates(prompts):
+    env = TextGenerationEnv(**kwargs(prompts, reward={"eos": 1.0}, no_eos_penalty=-2.0))
+    obs, _ = env.reset(seed=0)
+    n0 = int(obs["length"])
+    obs, r, term, trunc, info = env.step(10)
+    assert (r, term, trunc, int(obs["length"])) == (0.0, False, False, n0 + 1)
+    obs, r, term, trunc, info = env.step(env.eos_id)
+    assert term and not trunc and r == 1.0 and info["eos"] and info["response_tokens"] == 2
+    assert info["reward_parts"]["eos"] == 1.0 and "gold" in info["reward_parts"]
+    env.reset()
+    for _ in range(3):
+        assert env.step(10)[2:4] == (False, False)
+    _, r, term, trunc, info = env.step(11)
+    assert trunc and not term and r == -2.0 and not info["eos"]  # eos part 0, no-EOS penalty -2
+
+
+def test_inject_tokens_extends_context_not_budget(prompts):
+    env = TextGenerationEnv(**kwargs(prompts))
+    obs, _ = env.reset(seed=0)
+    n0 = int(obs["length"])
+    obs = env.inject([7, 8])
+    assert int(obs["length"]) == n0 + 2 and env.response_tokens == 0
+
+
+def test_vector_env_batches_reward_calls_and_autoresets(prompts):
+    venv = make_text_env({**kwargs(prompts), "num_envs": 3})
+    calls = []
+    fn = venv.res.reward_fn
+    venv.res.reward_fn = lambda batch: calls.append(len(batch.responses)) or fn(batch)
+    obs, _ = venv.reset(seed=0)
+    assert obs["input_ids"].shape == (3, 16)
+    for _ in range(3):
+        obs, r, term, trunc, infos = venv.step(np.array([10, 10, 10]))
+    obs, r, term, trunc, infos = venv.step(np.array([10, 10, 10]))
+    assert trunc.all() and calls == [3]  # all three scored in one call
+    assert infos["_reward_parts"].all() and r[0] == pytest.approx(infos["reward"][0])
+    obs, r, term, trunc, infos = venv.step(np.array([10, 10, 10]))  # NEXT_STEP autoreset: fresh prompts
+    assert not (term | trunc).any() and (r == 0).all() and infos["_prompt_index"].all()
+
+
+def test_vector_env_matches_single_env_episodes(prompts):
+    venv = make_text_env({**kwargs(prompts), "num_envs": 1})
+    single = TextGenerationEnv(**kwargs(prompts))
+    vobs, _ = venv.reset(seed=3)
+    sobs, _ = single.reset(seed=3)
+    for step in range(10):
+        np.testing.assert_array_equal(vobs["input_ids"][0], sobs["input_ids"])
+        a = 10 + step % 5
+        vobs, vr, vt, vtr, _ = venv.step(np.array([a]))
+        sobs, sr, st, str_, _ = single.step(a)
+        assert (vr[0], vt[0], vtr[0]) == pytest.approx((sr, st, str_))
+        if st or str_:
+            sobs, _ = single.reset()
+            vobs, *_ = venv.step(np.array([0]))
+
+
+def test_data_position_round_trip(prompts):
+    venv = make_text_env({**kwargs(prompts), "num_envs": 2})
+    venv.reset(seed=5)
+    for _ in range(8):
+        venv.step(np.array([10, 10]))
+    pos = venv.get_data_position()
+    nxt = [venv.res.stream.next() for _ in range(3)]
+    other = make_text_env({**kwargs(prompts), "num_envs": 2})
+    other.set_data_position(pos)
+    other.res.stream.reseed(5)  # the seeded reset an EnvRunner does first keeps the restored position
+    assert [other.res.stream.next() for _ in range(3)] == nxt

@@ -1,0 +1,72 @@
+"""KL-to-reference shaping and GAE on hand-made episodes, through the learner connector pieces."""
+
+import numpy as np
+import pytest
+import torch
+from ray.rllib.connectors.learner import AddOneTsToEpisodesAndTruncate
+from ray.rllib.core.columns import Columns
+from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+from ray.rllib.evaluation.postprocessing import Postprocessing
+
+from policies.advantages import TokenGAE, episode_gae
+from policies.kl_shaping import KLToReference
+from policies.ppo_math import KLController
+
+MID = "default_policy"
+
+
+class FakeModule:
+    """Stands in for LMModule: fixed reference log-probs and values per row."""
+
+    def __init__(self, ref_logp, values):
+        self._ref, self._values = torch.tensor(ref_logp), torch.tensor(values)
+
+    def unwrapped(self):
+        return self
+
+    def ref_logp(self, batch):
+        return self._ref
+
+    def compute_values(self, batch, embeddings=None):
+        return self._values
+
+
+def episode(n_steps, rewards, logp, done):
+    """A response of n_steps tokens; the last info marks whether the response ended."""
+    infos = [{}] * n_steps + [{"response_done": True, "response_tokens": n_steps} if done else {}]
+    return SingleAgentEpisode(
+        observations=list(range(n_steps + 1)), actions=[5] * n_steps, rewards=rewards, infos=infos,
+        terminated=done, extra_model_outputs={Columns.ACTION_LOGP: logp}, len_lookback_buffer=0)
+
+
+def test_kl_shaping_then_gae_by_hand():
+    # Episode A: 2 tokens, ended (EOS). Episode B: 1 token, a chunk cut by the sampler (bootstraps).
+    eps = [episode(2, [0.0, 1.0], [-1.0, -2.0], True), episode(1, [0.0], [-0.5], False)]
+    batch = {}
+    AddOneTsToEpisodesAndTruncate()(rl_module=None, batch=batch, episodes=eps, shared_data={})
+    # rows: A0 A1 A-boot B0 B-boot
+    mb = {
+        Columns.LOSS_MASK: torch.tensor([True, True, False, True, False]),
+        Columns.ACTION_LOGP: torch.tensor([-1.0, -2.0, -2.0, -0.5, -0.5]),
+        Columns.REWARDS: torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]),
+        Columns.OBS: None,
+    }
+    module = {MID: FakeModule([-1.5, -1.0, 9.0, -0.5, 9.0], [0.2, 0.4, 0.9, 0.3, 0.6])}
+    ctl = KLController(coef=0.1)
+    kl = KLToReference(controller=ctl)
+    kl(rl_module=module, batch={MID: mb}, episodes=eps)
+    # kl = [0.5, -1.0, 0 (boot), 0.0, 0 (boot)]; shaped = [-0.05, 1.1, 0, 0, 0]
+    torch.testing.assert_close(mb[Columns.REWARDS], torch.tensor([-0.05, 1.1, 0.0, 0.0, 0.0]))
+    # per-response KL: total -0.5 over 3 tokens, mean ended length 2 -> 1.5 responses -> -1/3 nats
+    assert kl.last["kl_ref"] == pytest.approx(-0.5 / 1.5)
+    TokenGAE(gamma=1.0, lambda_=0.5)(rl_module=module, batch={MID: mb}, episodes=eps)
+    # A (terminal): d1 = 1.1 - 0.4 = 0.7, d0 = -0.05 + 0.4 - 0.2 = 0.15 -> A = [0.5, 0.7], targets [0.7, 1.1]
+    # B (cut, bootstrap V=0.6): d0 = 0 + 0.6 - 0.3 = 0.3 -> A = 0.3, target 0.6; bootstrap rows: A 0, target V
+    np.testing.assert_allclose(mb[Postprocessing.ADVANTAGES].numpy(), [0.5, 0.7, 0.0, 0.3, 0.0], atol=1e-6)
+    np.testing.assert_allclose(mb[Postprocessing.VALUE_TARGETS].numpy(), [0.7, 1.1, 0.9, 0.6, 0.6], atol=1e-6)
+    np.testing.assert_allclose(mb[Columns.VF_PREDS].numpy(), [0.2, 0.4, 0.9, 0.3, 0.6], atol=1e-6)
+
+
+def test_episode_gae_rejects_mismatched_lengths():
+    with pytest.raises(AssertionError):
+        episode_gae(np.zeros(4), np.zeros(4), [2, 3], [True, True], 1.0, 1.0)

@@ -1,0 +1,36 @@
+"""Sampling: filters keep the right tokens; log-probs are under the tempered full distribution."""
+
+import math
+
+import torch
+
+from policies.sampling import filter_logits, greedy_tokens, sample_tokens
+
+
+def test_top_k_keeps_k_best():
+    out = filter_logits(torch.tensor([[1.0, 4.0, 3.0, 2.0]]), top_k=2)
+    assert torch.isinf(out[0, [0, 3]]).all() and torch.isfinite(out[0, [1, 2]]).all()
+
+
+def test_top_p_keeps_the_nucleus():
+    # probs 0.5, 0.3, 0.2: with top_p 0.7 the first two (mass before the third = 0.8 >= 0.7) stay
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    out = filter_logits(logits, top_p=0.7)
+    assert torch.isinf(out[0, 0]) and torch.isfinite(out[0, 1:]).all()
+    # top_p tiny: only the best token stays
+    out = filter_logits(logits, top_p=0.01)
+    assert torch.isfinite(out).sum() == 1 and torch.isfinite(out[0, 1])
+
+
+def test_sample_logp_and_greedy():
+    logits = torch.tensor([[0.0, math.log(3.0)]]).repeat(4, 1)
+    tokens, logp = sample_tokens(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    # p = [0.25, 0.75]
+    expected = torch.where(tokens == 1, math.log(0.75), math.log(0.25))
+    torch.testing.assert_close(logp, expected.float())
+    tokens, _ = sample_tokens(logits, top_k=1)
+    assert (tokens == 1).all()
+    assert greedy_tokens(logits).tolist() == [1, 1, 1, 1]
+    # temperature 0.5 squares the odds: p = [1/10, 9/10]
+    _, logp = sample_tokens(logits[:1], temperature=0.5, top_k=1)
+    torch.testing.assert_close(logp, torch.tensor([math.log(0.9)]))

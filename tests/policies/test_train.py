@@ -1,0 +1,93 @@
+"""End to end on the tiny model: 2 PPO iterations, checkpoint -> resume, export -> load back."""
+
+import json
+import math
+import pickle
+import time
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from cluster.config import load_config
+from envs.data import write_prompts
+from policies.models import load_causal_lm
+from policies.run_log import read_metrics
+from policies.train import STATE_FILE, latest_checkpoint, train
+
+PROMPTS = ["the film was great", "I hated this movie", "the plot was bad", "a wonderful story",
+           "the acting was terrible", "I loved the music", "the ending was boring", "a fun movie"]
+
+
+def tiny_cfg(tmp, **over):
+    prompts = write_prompts(tmp / "prompts.parquet", PROMPTS, ["train"] * len(PROMPTS))
+    items = {"data.prompts": prompts, "run.output_dir": tmp / "run", **over}
+    return load_config("tiny", [f"{k}={v}" for k, v in items.items()])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ppo")
+    t0 = time.time()
+    metrics = train(tiny_cfg(tmp))
+    yield tmp, metrics, time.time() - t0
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def module_state(ckpt):
+    path = ckpt / "learner_group" / "learner" / "rl_module" / "default_policy" / "module_state.pkl"
+    return pickle.loads(path.read_bytes())
+
+
+def test_two_iterations_change_every_parameter_and_stay_finite(run):
+    tmp, metrics, seconds = run
+    assert seconds < 60
+    assert metrics["iteration"] == 2 and not ray.is_initialized()  # train() stops the Ray it started
+    rows = read_metrics(tmp / "run" / "metrics.csv")
+    assert [r["iteration"] for r in rows] == [1, 2]
+    for r in rows:
+        for k in ("policy_loss", "vf_loss", "total_loss", "entropy", "kl_ref", "kl_coef", "rm_score", "gold_score"):
+            assert math.isfinite(r[k]), k
+        assert r["episodes"] > 0 and r["rollout_tokens_per_s"] > 0 and r["learner_tokens_per_s"] > 0
+    initial, _ = load_causal_lm("tiny", tiny_vocab_size=64)
+    state = module_state(latest_checkpoint(tmp / "run"))
+    unchanged = [n for n, p in initial.named_parameters() if torch.equal(p, torch.as_tensor(state[f"lm.{n}"]))]
+    assert unchanged == []
+    assert torch.as_tensor(state["vf_head.weight"]).abs().sum() > 0  # the value head (zero-initialised) learned
+
+
+def test_resume_continues_from_saved_iteration(run):
+    tmp, metrics, _ = run
+    ckpt = latest_checkpoint(tmp / "run")
+    saved_coef = pickle.loads((ckpt / "learner_group" / "learner" / "state.pkl").read_bytes())["kl_controller"]["coef"]
+    assert saved_coef == pytest.approx(metrics["kl_coef"])
+    resumed = train(tiny_cfg(tmp, **{"ppo.iterations": 3}), resume=True)
+    assert resumed["iteration"] == 3
+    rows = read_metrics(tmp / "run" / "metrics.csv")
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    assert rows[2]["kl_coef_used"] == pytest.approx(saved_coef)  # not the initial 0.05
+    positions = [json.loads((tmp / "run" / "checkpoints" / f"iter_00000{i}" / STATE_FILE).read_text())
+                 ["data_positions"][0]["position"] for i in (2, 3)]
+    assert positions[1] > positions[0]  # the prompt stream went on from where it was
+    assert not ray.is_initialized()
+
+
+def test_export_loads_back(run):
+    tmp, metrics, _ = run
+    model = AutoModelForCausalLM.from_pretrained(metrics["policy_dir"])
+    state = module_state(latest_checkpoint(tmp / "run"))
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, torch.as_tensor(state[f"lm.{n}"]))
+
+
+def test_checkpoint_converts_to_hf(run, tmp_path):
+    from policies.export import checkpoint_to_hf
+
+    tmp, metrics, _ = run
+    out = checkpoint_to_hf(tmp / "run", tmp_path / "hf")  # a run directory: its latest checkpoint
+    a = AutoModelForCausalLM.from_pretrained(out)
+    b = AutoModelForCausalLM.from_pretrained(metrics["policy_dir"])
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q)
