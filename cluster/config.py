@@ -146,7 +146,11 @@ class RolloutConfig:
     custom_resources_per_learner: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each remote Learner needs, to pin learners to a (GPU) worker group."""
     reward_model_placement: Literal["local", "actor"] = "local"
-    """Score in each EnvRunner ('local') or in one shared batched Ray actor ('actor')."""
+    """Score in each EnvRunner ('local') or in one shared batched Ray actor ('actor') that the driver starts and owns."""
+    reward_model_num_gpus: float = 0.0
+    """GPUs for the shared reward-model actor (reward_model_placement='actor' only; it asks for no CPU)."""
+    reward_model_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources the shared reward-model actor needs, to pin it to a node group ('actor' only)."""
     restart_failed_env_runners: bool = True
     """Restart an EnvRunner that died and carry on with the iteration."""
 
@@ -261,6 +265,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "rollout.num_gpus_per_env_runner": (lambda v: v >= 0, "a number >= 0"),
     "rollout.num_cpus_per_env_runner": (lambda v: v >= 0, "a number >= 0"),
     "rollout.custom_resources_per_learner": (lambda v: all(x >= 0 for x in v.values()), "a mapping of resource name to a number >= 0"),
+    "rollout.reward_model_num_gpus": (lambda v: v >= 0, "a number >= 0"),
+    "rollout.reward_model_resources": (lambda v: all(x >= 0 for x in v.values()), "a mapping of resource name to a number >= 0"),
     "serve.port": (lambda v: 0 <= v <= 65535, "a port number in [0, 65535]"),
     "serve.max_tokens_limit": (lambda v: v >= 1, "an integer >= 1"),
     "serve.max_request_bytes": (lambda v: v >= 1024, "an integer >= 1024"),
@@ -404,7 +410,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge `extra` into a copy of `base`; dict-typed leaves (reward weights) are replaced."""
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("reward", "custom_resources_per_env_runner"):
+        replace = k in ("reward", "custom_resources_per_env_runner", "reward_model_resources")
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not replace:
             out[k] = _merge(out[k], v)
         else:
             out[k] = v

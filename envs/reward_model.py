@@ -72,7 +72,7 @@ class RewardModel(nn.Module):
         out: list[float] = []
         texts = self.texts(responses, prompts)
         for i in range(0, len(texts), batch_size):
-            batch = self.encode(texts[i : i + batch_size])
+            batch = self.encode(texts[i : i + batch_size]).to(self.head.weight.device)
             out += self(batch["input_ids"], batch["attention_mask"]).float().tolist()
         self.train(was_training)
         if normalize:

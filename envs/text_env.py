@@ -82,7 +82,7 @@ def build_resources(prompts: str | list[str], policy: str = "tiny", tiny_vocab_s
     if "reward_model" in weights and reward_model_placement == "actor":
         from envs.reward_actor import RemoteRewardModel
 
-        rm = RemoteRewardModel(reward_model, reward_model_backbone)
+        rm = RemoteRewardModel()  # started by the driver (policies.train) with the model at `reward_model`
     elif "reward_model" in weights:
         rm = load_reward_model(reward_model, reward_model_backbone)
     fn = RewardFunction(weights, rm, normalize=reward_normalization, no_eos_penalty=no_eos_penalty,
@@ -123,7 +123,8 @@ class TextGenerationEnv(gym.Env):
     ``reward_model`` (trained RM directory; with backbone 'tiny' and no directory an untrained
     tiny RM is used), ``reward_model_backbone``, ``reward_normalization``, ``no_eos_penalty``,
     ``reward_batch_size``, ``seed``, ``reward_model_placement`` ('local' or 'actor': one shared
-    Ray actor scores for every env). ``resources`` lets sub-environments share one loaded set.
+    Ray actor, started beforehand by the driver, scores for every env). ``resources`` lets
+    sub-environments share one loaded set.
 
     Because the env owns the context, :meth:`inject` can add tokens the policy did not write
     (a user turn) before the response; the policy's KV cache treats that as a new context.

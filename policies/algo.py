@@ -16,7 +16,7 @@ from ray.tune.registry import register_env
 
 from cluster.config import Config
 from envs.text_env import make_text_env
-from policies.callbacks import ResponseMetrics
+from policies.callbacks import DataPositions, ResponseMetrics
 from policies.learner import LMPPOLearner
 from policies.lm_module import LMModule
 
@@ -96,7 +96,7 @@ def build_ppo_config(cfg: Config) -> RLlibPPOConfig:
             vf_loss_coeff=p.vf_loss_coeff, entropy_coeff=p.entropy_coeff,
             use_kl_loss=False, kl_coeff=0.0,
         )
-        .callbacks(ResponseMetrics)
+        .callbacks([ResponseMetrics, DataPositions])
         .fault_tolerance(restart_failed_env_runners=r.restart_failed_env_runners)
         .debugging(seed=cfg.run.seed)
     )

@@ -1,8 +1,13 @@
-"""EnvRunner callback: per-response metrics (reward-model score, gold score, length, EOS, reward).
+"""RLlib callbacks: per-response metrics, and prompt positions that survive an EnvRunner restart.
 
-Each finished response adds to per-iteration sums (RLlib's ``reduce="sum"`` restarts every
-iteration); the train loop divides by ``count``. Results land under
-``result["env_runners"]["response"]``.
+:class:`ResponseMetrics` (on the EnvRunners): each finished response adds to per-iteration sums
+(RLlib's ``reduce="sum"`` restarts every iteration); the train loop divides by ``count``.
+Results land under ``result["env_runners"]["response"]``.
+
+:class:`DataPositions` (on the driver): after each iteration it records every EnvRunner's
+prompt-stream position; when RLlib recreates a crashed EnvRunner it gives it back its last
+position, so its prompts continue instead of starting over at position 0. (An EnvRunner that Ray
+restarted without RLlib noticing shows up as a stream that went backwards and is moved on too.)
 """
 
 from __future__ import annotations
@@ -36,3 +41,53 @@ class ResponseMetrics(RLlibCallback):
                 metrics_logger.log_value(("response", name), value, reduce="sum")
         if values["rm_score"] == values["rm_score"]:
             metrics_logger.log_value(("response", "rm_count"), 1.0, reduce="sum")
+
+
+def data_positions(group) -> dict[int, dict]:
+    """``{worker index: prompt-stream position}`` of every healthy EnvRunner that has an env (0 = local)."""
+    def get(runner):
+        env = getattr(runner, "env", None)
+        return runner.worker_index or 0, (env.unwrapped.get_data_position() if env is not None else None)
+
+    return {idx: pos for idx, pos in group.foreach_env_runner(get, local_env_runner=True) if pos is not None}
+
+
+def set_data_positions(group, positions: dict[int, dict]) -> None:
+    """Move the prompt stream of EnvRunner `idx` (0 = local) to ``positions[idx]``."""
+    def put(runner):
+        env, pos = getattr(runner, "env", None), positions.get(runner.worker_index or 0)
+        if env is not None and pos is not None:
+            env.unwrapped.set_data_position(pos)
+
+    if 0 in positions and group.local_env_runner is not None:
+        put(group.local_env_runner)
+    remote = [idx for idx in positions if idx > 0]
+    if remote:  # (an empty remote_worker_ids would mean "all of them")
+        group.foreach_env_runner(put, local_env_runner=False, remote_worker_ids=remote)
+
+
+class DataPositions(RLlibCallback):
+    """Driver side: remember prompt positions after each iteration; restore them on recreated EnvRunners."""
+
+    def __init__(self):
+        super().__init__()
+        self.positions: dict[int, dict] = {}
+
+    @override(RLlibCallback)
+    def on_train_result(self, *, algorithm, **kwargs) -> None:
+        now = data_positions(algorithm.env_runner_group)
+        # A stream that went backwards belongs to an EnvRunner Ray restarted between two calls, so
+        # RLlib never saw it fail (and never called on_env_runners_recreated): move it on as well.
+        behind = {idx: self.positions[idx] for idx, pos in now.items()
+                  if idx in self.positions and pos["seed"] == self.positions[idx]["seed"]
+                  and pos["position"] < self.positions[idx]["position"]}
+        if behind:
+            set_data_positions(algorithm.env_runner_group, behind)
+        self.positions.update({**now, **behind})
+
+    @override(RLlibCallback)
+    def on_env_runners_recreated(self, *, algorithm, env_runner_group, env_runner_indices, is_evaluation,
+                                 **kwargs) -> None:
+        lost = {idx: self.positions[idx] for idx in env_runner_indices if idx in self.positions}
+        if lost and not is_evaluation:
+            set_data_positions(env_runner_group, lost)

@@ -1,5 +1,8 @@
 """``alignray train``: PPO on the text-generation env with RLlib, metrics, checkpoints, resume, export.
 
+With ``rollout.reward_model_placement='actor'`` the driver starts the shared reward-model actor
+(:mod:`envs.reward_actor`) before it builds the algorithm and kills it when training ends.
+
 Layout of ``run.output_dir``::
 
     config.yaml           the resolved config of the run
@@ -12,6 +15,7 @@ Layout of ``run.output_dir``::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +26,9 @@ import torch
 from tqdm.auto import tqdm
 
 from cluster.config import Config, dump_config
+from envs.reward_actor import start_reward_actor, stop_reward_actor
 from policies.algo import build_ppo_config
+from policies.callbacks import DataPositions, data_positions, set_data_positions
 from policies.export import policy_from_state
 from policies.models import export_pretrained
 from policies.run_log import RunLog, read_metrics, summarize
@@ -42,32 +48,22 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def _data_positions(algo) -> list[dict | None]:
-    """Prompt-stream position of every EnvRunner's vector env (None where a runner has no env)."""
-    def get(runner):
-        env = getattr(runner, "env", None)
-        return env.unwrapped.get_data_position() if env is not None else None
-
-    return algo.env_runner_group.foreach_env_runner(get, local_env_runner=True)
+    """Prompt-stream position of every EnvRunner's vector env by worker index (None where a runner has no env)."""
+    found = data_positions(algo.env_runner_group)
+    return [found.get(idx) for idx in range(algo.env_runner_group.num_remote_env_runners() + 1)]
 
 
 def _restore_data_positions(algo, positions: list[dict | None]) -> None:
     """Give every EnvRunner back its prompt-stream position (same order as saved)."""
-    mine = _data_positions(algo)
-    if len(mine) != len(positions):
-        print(f"alignray: {len(positions)} saved prompt positions for {len(mine)} EnvRunners; restarting the streams")
+    runners = algo.env_runner_group.num_remote_env_runners() + 1
+    if len(positions) != runners:
+        print(f"alignray: {len(positions)} saved prompt positions for {runners} EnvRunners; restarting the streams")
         return
-    for idx, pos in enumerate(positions):
-        if pos is None:
-            continue
-        def put(runner, pos=pos):
-            if getattr(runner, "env", None) is not None:
-                runner.env.unwrapped.set_data_position(pos)
-        if idx == 0:
-            local = algo.env_runner_group.local_env_runner
-            if local is not None:
-                put(local)
-        else:
-            algo.env_runner_group.foreach_env_runner(put, local_env_runner=False, remote_worker_ids=[idx])
+    saved = {idx: pos for idx, pos in enumerate(positions) if pos is not None}
+    set_data_positions(algo.env_runner_group, saved)
+    for callback in algo.callbacks:  # an EnvRunner lost before the first new iteration gets them back too
+        if isinstance(callback, DataPositions):
+            callback.positions.update(saved)
 
 
 def save_checkpoint(algo, out: Path, iteration: int) -> Path:
@@ -97,6 +93,19 @@ def _ensure_ray(cfg: Config) -> bool:
     return True
 
 
+def _start_reward_actor(cfg: Config):
+    """The shared reward-model actor when ``rollout.reward_model_placement='actor'`` (else None).
+
+    The driver owns it (not an EnvRunner), so it outlives EnvRunners that crash and are restarted.
+    """
+    r = cfg.rollout
+    if r.reward_model_placement != "actor" or "reward_model" not in cfg.env.reward:
+        return None
+    return start_reward_actor(str(cfg.resolve_path(cfg.reward_model.path)), cfg.reward_model.backbone,
+                              num_gpus=r.reward_model_num_gpus, resources=r.reward_model_resources,
+                              torch_threads=cfg.run.torch_threads)
+
+
 def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Run PPO for ``cfg.ppo.iterations`` iterations (continuing from the latest checkpoint if `resume`)."""
     out = Path(cfg.run.output_dir)
@@ -104,9 +113,14 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     (out / "config.yaml").write_text(dump_config(cfg))
     if cfg.run.torch_threads:
         torch.set_num_threads(cfg.run.torch_threads)
-    started = _ensure_ray(cfg)
-    algo = build_ppo_config(cfg).build_algo()
-    try:
+    with contextlib.ExitStack() as cleanup:  # runs last-in first-out: algo, reward actor, Ray
+        if _ensure_ray(cfg):
+            cleanup.callback(ray.shutdown)
+        rm_actor = _start_reward_actor(cfg)
+        if rm_actor is not None:
+            cleanup.callback(stop_reward_actor, rm_actor)
+        algo = build_ppo_config(cfg).build_algo()
+        cleanup.callback(algo.stop)
         start = 0
         ckpt = latest_checkpoint(out) if resume else None
         if ckpt is not None:
@@ -117,15 +131,15 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         elif resume:
             print(f"alignray: no checkpoint under {out}/checkpoints; starting from iteration 0")
         metrics = _loop(algo, cfg, out, start, resumed=ckpt is not None)
+        if rm_actor is not None:
+            metrics["reward_actor"] = ray.get(rm_actor.stats.remote())
+            print(f"alignray: the shared reward-model actor scored {metrics['reward_actor']['texts']} texts "
+                  f"in {metrics['reward_actor']['batches']} batches")
         model, tok = policy_model(algo)
         metrics["policy_dir"] = str(export_pretrained(model, tok, out / "policy"))
         print(f"alignray: {metrics['iteration']} iterations; metrics in {out / 'metrics.csv'}, "
               f"policy in {metrics['policy_dir']}")
         return metrics
-    finally:
-        algo.stop()
-        if started:
-            ray.shutdown()
 
 
 def _loop(algo, cfg: Config, out: Path, start: int, resumed: bool) -> dict[str, Any]:

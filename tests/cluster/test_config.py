@@ -44,6 +44,8 @@ def test_parse_overrides_nests():
         ("ppo.clip_param=1.5", "ppo.clip_param: must be a number in (0, 1)"),
         ("env.chat_template=maybe", "env.chat_template: expected true or false"),
         ("rollout.reward_model_placement=moon", "rollout.reward_model_placement: must be one of"),
+        ("rollout.reward_model_num_gpus=-1", "rollout.reward_model_num_gpus: must be a number >= 0"),
+        ("rollout.reward_model_resources={rm: -1}", "rollout.reward_model_resources: must be a mapping"),
         ("serve.port=70000", "serve.port"),
         ("ppo.lr=.nan", "ppo.lr: expected a finite number"),
         ("env.reward=3", "env.reward: expected a mapping"),

@@ -91,3 +91,27 @@ def test_checkpoint_converts_to_hf(run, tmp_path):
     b = AutoModelForCausalLM.from_pretrained(metrics["policy_dir"])
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p, q)
+
+
+def test_shared_reward_model_actor_scores_for_the_env_runners(tmp_path):
+    """placement=actor: the driver's reward-model actor scored every response, and is gone afterwards."""
+    metrics = train(tiny_cfg(tmp_path, **{"rollout.reward_model_placement": "actor", "rollout.num_env_runners": 1}))
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["rm_score"]) for r in rows)
+    scored = metrics["reward_actor"]
+    assert scored["texts"] >= sum(r["episodes"] for r in rows) > 0  # responses still running at the end count too
+    assert 1 <= scored["batches"] <= scored["calls"]
+    assert not ray.is_initialized()
+
+
+def test_reward_actor_options_come_from_the_config(tmp_path, monkeypatch):
+    import policies.train as train_module
+
+    seen = {}
+    monkeypatch.setattr(train_module, "start_reward_actor", lambda *args, **kw: seen.update(kw, args=args))
+    assert train_module._start_reward_actor(tiny_cfg(tmp_path)) is None  # placement 'local': no actor
+    cfg = tiny_cfg(tmp_path, **{"rollout.reward_model_placement": "actor", "rollout.reward_model_num_gpus": 0.5,
+                                "rollout.reward_model_resources": "{rm: 1}"})
+    train_module._start_reward_actor(cfg)
+    assert seen["num_gpus"] == 0.5 and seen["resources"] == {"rm": 1.0} and seen["args"][1] == "tiny"
