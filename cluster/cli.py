@@ -150,9 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_transformers() -> None:
+    """Keep our own progress bars readable: no per-load weight bars or load reports."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `alignray` console script."""
     args = build_parser().parse_args(argv)
+    _quiet_transformers()
     try:
         args.func(args)
     except ConfigError as err:
