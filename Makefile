@@ -25,7 +25,7 @@ demo: install
 test: install
 	$(BIN)/pytest -q $(ARGS)
 
-# Everything, including real-model tests marked slow and multi-node cluster tests.
+# Everything, including the real-model tests marked slow.
 test-all: install
 	$(BIN)/pytest -q -m "" $(ARGS)
 
