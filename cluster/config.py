@@ -61,6 +61,8 @@ class RewardModelConfig:
     """Tokens per text fed to the encoder (prompt + response), truncated from the left."""
     include_prompt: bool = False
     """Score prompt + response instead of the response alone."""
+    pooling: Literal["mean", "sum"] = "mean"
+    """How token states become one vector: 'mean', or 'sum' (strong words are not diluted by length)."""
     max_pairs: int = 0
     """Train on only the first N pairs (0 = all)."""
     score_batch_size: int = 64

@@ -1,4 +1,8 @@
-"""The learned reward model: a text encoder, mean pooling, and a scalar head.
+"""The learned reward model: a text encoder, token pooling, and a scalar head.
+
+Pooling is ``mean`` (the encoder's own sentence embedding) or ``sum``: a sum keeps the evidence
+of a few strongly worded tokens from being diluted by the length of the text, which suits
+lexicon-like preferences (sentiment) where one "wonderful" counts the same in a long answer.
 
 Saved as a Hugging Face directory: the encoder's ``save_pretrained`` files and tokenizer, plus
 ``reward_head.safetensors`` (the head) and ``alignray_reward.json`` (max length, whether the
@@ -21,13 +25,17 @@ HEAD_FILE = "reward_head.safetensors"
 
 
 class RewardModel(nn.Module):
-    """Encoder + mean pooling + linear head: ``forward(input_ids, attention_mask) -> (B,)`` scores."""
+    """Encoder + pooling + linear head: ``forward(input_ids, attention_mask) -> (B,)`` scores."""
 
-    def __init__(self, encoder: nn.Module, tokenizer, max_length: int = 96, include_prompt: bool = False):
+    def __init__(self, encoder: nn.Module, tokenizer, max_length: int = 96, include_prompt: bool = False,
+                 pooling: str = "mean"):
         super().__init__()
         self.encoder = encoder
         if getattr(encoder, "pooler", None) is not None:
-            encoder.pooler = None  # mean pooling is used; an unused pooler would never train
+            encoder.pooler = None  # our own pooling is used; an unused pooler would never train
+        if pooling not in ("mean", "sum"):
+            raise ValueError(f"reward model pooling must be 'mean' or 'sum', got {pooling!r}")
+        self.pooling = pooling
         self.tokenizer = tokenizer
         self.tokenizer.truncation_side = "left"
         # No bias: it cancels in the Bradley-Terry loss, so it could never be trained.
@@ -38,16 +46,19 @@ class RewardModel(nn.Module):
         self.score_mean, self.score_std = 0.0, 1.0
 
     @classmethod
-    def from_backbone(cls, spec: str, max_length: int = 96, include_prompt: bool = False) -> "RewardModel":
+    def from_backbone(cls, spec: str, max_length: int = 96, include_prompt: bool = False,
+                      pooling: str = "mean") -> "RewardModel":
         """A fresh (untrained head) reward model on an encoder spec ('minilm', 'tiny', a directory)."""
         encoder, tok = load_encoder(spec)
-        return cls(encoder, tok, max_length=max_length, include_prompt=include_prompt)
+        return cls(encoder, tok, max_length=max_length, include_prompt=include_prompt, pooling=pooling)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scores (B,) for token ids (B, T) with mask (B, T)."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
+        pooled = (hidden * mask).sum(1)  # (B, H)
+        if self.pooling == "mean":
+            pooled = pooled / mask.sum(1).clamp(min=1.0)
         return self.head(pooled).squeeze(-1)
 
     def texts(self, responses: list[str], prompts: list[str] | None = None) -> list[str]:
@@ -86,7 +97,7 @@ class RewardModel(nn.Module):
         self.encoder.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(out / HEAD_FILE))
-        meta = {"max_length": self.max_length, "include_prompt": self.include_prompt,
+        meta = {"max_length": self.max_length, "include_prompt": self.include_prompt, "pooling": self.pooling,
                 "score_mean": self.score_mean, "score_std": self.score_std}
         (out / META_FILE).write_text(json.dumps(meta, indent=2))
         return out
@@ -102,7 +113,8 @@ class RewardModel(nn.Module):
             )
         meta = json.loads((p / META_FILE).read_text())
         encoder, tok = load_encoder(str(p))
-        rm = cls(encoder, tok, max_length=meta["max_length"], include_prompt=meta["include_prompt"])
+        rm = cls(encoder, tok, max_length=meta["max_length"], include_prompt=meta["include_prompt"],
+                 pooling=meta.get("pooling", "mean"))
         rm.head.load_state_dict(load_file(str(p / HEAD_FILE)))
         rm.score_mean, rm.score_std = float(meta["score_mean"]), float(meta["score_std"]) or 1.0
         return rm.eval()

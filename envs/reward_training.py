@@ -97,7 +97,8 @@ def train_reward_model(cfg: Config) -> dict:
         train_rows = train_rows[: rc.max_pairs]
     all_rows = load_preferences(pref_path, None)
     test_rows = [r for r in all_rows if r.get("split") == "test"] or train_rows[-max(1, len(train_rows) // 10):]
-    rm = RewardModel.from_backbone(rc.backbone, max_length=rc.max_length, include_prompt=rc.include_prompt)
+    rm = RewardModel.from_backbone(rc.backbone, max_length=rc.max_length, include_prompt=rc.include_prompt,
+                                   pooling=rc.pooling)
     start = time.time()
     before = evaluate_rm(rm, test_rows, rc.score_batch_size)
     losses = _fit(rm, train_rows, cfg)

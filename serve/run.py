@@ -151,7 +151,9 @@ def run_serve(model: str, cfg: Config, reward_model: str | None = None) -> None:
     own_cluster = not os.environ.get("RAY_ADDRESS")
     if own_cluster:
         _check_port(cfg.serve.host, cfg.serve.port)
-    ray.init()
+    # address="local": start our own Ray rather than join (and later shut down) whatever local
+    # cluster happens to be running; RAY_ADDRESS opts into joining one.
+    ray.init(address="local" if own_cluster else None)
     try:
         url = start_app(model, cfg, reward_model)
         key = "required (Authorization: Bearer ...)" if server_settings(cfg)["api_key"] else "off"

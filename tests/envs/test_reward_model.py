@@ -57,3 +57,16 @@ def test_score_batches_match_single_calls():
 def test_load_rejects_non_reward_model(tmp_path):
     with pytest.raises(ModelLoadError, match="not a trained reward model"):
         RewardModel.load(tmp_path)
+
+
+def test_sum_pooling_is_saved_and_not_diluted_by_length(tmp_path):
+    rm = RewardModel.from_backbone("tiny", pooling="sum")
+    enc = rm.encode(["great", "great great great"])
+    with torch.no_grad():
+        hidden = rm.encoder(**enc).last_hidden_state  # (2, T, H)
+        expected = rm.head((hidden * enc["attention_mask"].unsqueeze(-1)).sum(1)).squeeze(-1)
+    assert rm.score(["great", "great great great"]) == pytest.approx(expected.tolist(), abs=1e-5)
+    rm.save(tmp_path / "rm")
+    assert RewardModel.load(tmp_path / "rm").pooling == "sum"
+    with pytest.raises(ValueError, match="pooling"):
+        RewardModel.from_backbone("tiny", pooling="max")
