@@ -8,7 +8,7 @@ the same way (one causal pass per episode, the LM head only at generated-token r
   prepared batch (what each PPO minibatch costs).
 - ``ppo update``: ``Learner.update(episodes)`` for one epoch and one minibatch, including the
   learner connectors (episodes -> batch, the reference model's pass for the KL penalty, the
-  value pass for GAE).
+  values for GAE, which come from the same reference pass).
 
     python bench/learner_bench.py                    # SmolLM2, 8 episodes x 24 tokens
     python bench/learner_bench.py --model tiny --rounds 2
@@ -88,7 +88,7 @@ def main() -> None:
     learner = build_ppo_config(cfg).build_learner(env=env)
     lm, _ = load_causal_lm(cfg.model.policy, cfg.model.dtype, cfg.model.tiny_vocab_size)
     lm.train()
-    opt = torch.optim.Adam(lm.parameters(), lr=1e-7)
+    opt = torch.optim.Adam(lm.parameters(), lr=1e-7, fused=True)  # as the Learner
     plain_step(lm, opt, packing, actions, True)  # warm-up
     learner.update(episodes=copy.deepcopy(episodes), num_epochs=1, minibatch_size=None)
     plain, plain_adam, update = [], [], []

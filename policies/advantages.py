@@ -42,7 +42,7 @@ def episode_gae(rewards: np.ndarray, values: np.ndarray, lens: list[int], ended:
 
 
 class TokenGAE(ConnectorV2):
-    """Adds ``vf_preds``, ``advantages`` and ``value_targets`` to the batch (one no-grad value pass)."""
+    """Adds ``vf_preds``, ``advantages`` and ``value_targets`` to the batch (values from the reference features already there)."""
 
     def __init__(self, input_observation_space=None, input_action_space=None, *, gamma: float, lambda_: float, **kwargs):
         super().__init__(input_observation_space, input_action_space, **kwargs)

@@ -55,7 +55,8 @@ def _model_spec(cfg: Config) -> str:
 def module_spec(cfg: Config) -> RLModuleSpec:
     """The RLModule spec of the LM policy."""
     return RLModuleSpec(module_class=LMModule, model_config={
-        "policy": _model_spec(cfg), "dtype": cfg.model.dtype, "tiny_vocab_size": cfg.model.tiny_vocab_size,
+        "policy": _model_spec(cfg), "dtype": cfg.model.dtype, "reference_dtype": cfg.ppo.reference_dtype,
+        "tiny_vocab_size": cfg.model.tiny_vocab_size,
         "temperature": cfg.ppo.temperature, "top_k": cfg.ppo.top_k, "top_p": cfg.ppo.top_p,
     })
 
@@ -85,7 +86,7 @@ def build_ppo_config(cfg: Config) -> RLlibPPOConfig:
             num_learners=r.num_learners, num_gpus_per_learner=r.num_gpus_per_learner, learner_class=LMPPOLearner,
             custom_resources_per_learner=dict(r.custom_resources_per_learner),
             learner_config_dict={"kl_coef": p.kl_coef, "kl_target": p.kl_target, "kl_horizon": p.kl_horizon,
-                                 "whiten_advantages": p.whiten_advantages},
+                                 "whiten_advantages": p.whiten_advantages, "vf_lr": p.vf_lr},
         )
         .rl_module(rl_module_spec=module_spec(cfg))
         .training(

@@ -2,7 +2,8 @@
 
 For every generated token ``kl_t = log pi_old(a_t) - log pi_ref(a_t)`` (the k1 estimate; the
 sampling log-prob comes from the EnvRunner, the reference log-prob from one packed forward of
-the frozen reference model), and ``r_t <- r_t - beta * kl_t``. ``beta`` comes from the
+the frozen reference model), and ``r_t <- r_t - beta * kl_t``. The same pass leaves the
+reference hidden states in the batch (``ref_hidden``), where the value head reads them. ``beta`` comes from the
 learner's :class:`~policies.ppo_math.KLController`; the connector records the batch's mean
 per-response KL there so the learner can adapt ``beta`` after the update.
 """
@@ -16,6 +17,7 @@ from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
 
+from policies.lm_module import REF_HIDDEN
 from policies.ppo_math import KLController, kl_k1, kl_k3, shape_rewards
 
 
@@ -41,7 +43,7 @@ class KLToReference(ConnectorV2):
             module = rl_module[mid].unwrapped()
             mask = mbatch[Columns.LOSS_MASK].bool()  # (N,) False on the bootstrap row
             old_logp = mbatch[Columns.ACTION_LOGP].float()  # (N,)
-            ref_logp = module.ref_logp(mbatch)  # (N,)
+            ref_logp, mbatch[REF_HIDDEN] = module.reference_pass(mbatch)  # (N,), (N, H)
             kl = torch.where(mask, kl_k1(old_logp, ref_logp), 0.0)  # (N,)
             mbatch[Columns.REWARDS] = shape_rewards(mbatch[Columns.REWARDS].float(), kl, self.controller.coef, mask)
             mbatch["kl_ref"] = kl

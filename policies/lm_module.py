@@ -4,15 +4,22 @@
   next token with temperature / top-k / top-p through a private prefix-keyed KV cache and
   returns only ``actions`` and ``action_logp`` (never full-vocabulary logits, which RLlib would
   store for every token of every episode). ``_forward_inference`` decodes greedily.
-- The Learner also holds a value head (``ValueFunctionAPI``) on the LM's final hidden state and
-  a frozen reference copy of the initial LM (for the KL penalty); both are listed in
-  ``get_non_inference_attributes`` so EnvRunners never build or receive them. The reference
-  model is kept out of ``state_dict`` (it is rebuilt from the model spec), so checkpoints and
-  weight syncs carry only the policy and value head.
-- ``_forward_train`` packs each episode's rows into one causal pass (:mod:`policies.packing`).
+- The Learner also holds a frozen reference copy of the initial LM (for the KL penalty, in
+  ``reference_dtype``) and a value head (``ValueFunctionAPI``) that reads the *reference*
+  model's final hidden state. One no-grad reference pass per train batch therefore gives both
+  the reference log-probs and the old values (stored as the ``ref_hidden`` column), and the
+  value loss trains the head on those cached features: a PPO update costs one policy
+  forward+backward plus one reference forward, with no separate value pass, and the critic's
+  gradients never disturb the policy. Both are listed in ``get_non_inference_attributes`` so
+  EnvRunners never build or receive them. The reference model is kept out of ``state_dict``
+  (it is rebuilt from the model spec), so checkpoints and weight syncs carry only the policy
+  and value head.
+- ``_forward_train`` packs each episode's rows into one causal pass (:mod:`policies.packing`)
+  and puts the LM head only on the generated-token rows; the entropy (a metric unless the
+  entropy bonus is on) is computed without a graph when ``entropy_grad`` is False.
 
-``model_config`` keys: ``policy`` (model spec), ``dtype``, ``tiny_vocab_size``,
-``temperature``, ``top_k``, ``top_p``.
+``model_config`` keys: ``policy`` (model spec), ``dtype``, ``reference_dtype``,
+``tiny_vocab_size``, ``temperature``, ``top_k``, ``top_p``.
 """
 
 from __future__ import annotations
@@ -29,11 +36,12 @@ from torch import nn
 from policies.kv_cache import PrefixKVCache
 from policies.models import load_causal_lm
 from policies.packing import pack_rows, packed_hidden
-from policies.ppo_math import entropy_from_logits
+from policies.ppo_math import entropy_from_logp
 from policies.sampling import greedy_tokens, sample_tokens, scaled_logp
 
 LOGP = "logp"
 ENTROPY = "entropy"
+REF_HIDDEN = "ref_hidden"  # (N, H) float32 final hidden state of the reference model at each row
 
 
 class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
@@ -48,6 +56,7 @@ class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         self.top_k, self.top_p = int(mc.get("top_k", 0)), float(mc.get("top_p", 1.0))
         self.lm, _ = load_causal_lm(*self.spec)
         self._kv = PrefixKVCache()
+        self.entropy_grad = True  # the learner turns this off when the entropy bonus is 0
         if self.inference_only:
             self.eval()  # EnvRunners only sample: no train/eval toggling of every submodule per step
         else:
@@ -56,6 +65,7 @@ class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             nn.init.zeros_(self.vf_head.weight)
             nn.init.zeros_(self.vf_head.bias)
             ref, _ = load_causal_lm(*self.spec)
+            ref = ref.to(getattr(torch, mc.get("reference_dtype", "float32")))
             ref.requires_grad_(False)
             object.__setattr__(self, "_ref_lm", ref.eval())  # not a submodule: no state, no optimizer
 
@@ -95,27 +105,36 @@ class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
 
     def _token_logp(self, lm, hidden: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-prob of each row's action (N,), tempered log-probs (N, V)) from hidden states (N, H)."""
-        logp_all = scaled_logp(lm.get_output_embeddings()(hidden), self.temperature)  # (N, V)
+        logits = lm.get_output_embeddings()(hidden.to(lm.dtype))
+        logp_all = scaled_logp(logits, self.temperature)  # (N, V) float32
         return logp_all.gather(-1, actions.long()[:, None]).squeeze(-1), logp_all
 
     @override(TorchRLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         hidden = self._hidden(self.lm, batch)  # (N, H)
         logp, logp_all = self._token_logp(self.lm, hidden, batch[Columns.ACTIONS])
-        return {LOGP: logp, ENTROPY: entropy_from_logits(logp_all), Columns.EMBEDDINGS: hidden}
+        with torch.set_grad_enabled(self.entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_from_logp(logp_all)
+        return {LOGP: logp, ENTROPY: entropy, Columns.EMBEDDINGS: hidden}
 
     @override(ValueFunctionAPI)
     def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
-        """Value of each row's state (N,); without embeddings a no-grad packed forward computes them."""
-        if embeddings is None:
-            with torch.no_grad():
-                embeddings = self._hidden(self.lm, batch)
-        return self.vf_head(embeddings).squeeze(-1)
+        """Value of each row's state (N,) from the reference model's hidden state (the batch's ``ref_hidden``, else a no-grad reference pass)."""
+        features = batch.get(REF_HIDDEN)
+        if features is None:
+            features = self.reference_hidden(batch).float()
+        return self.vf_head(features).squeeze(-1)
 
     @torch.no_grad()
-    def ref_logp(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Log-prob of each row's action under the frozen reference model (tempered). (N,)."""
+    def reference_hidden(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Final hidden state of the frozen reference at each row (N, H), in the reference's dtype."""
         ref = self._ref_lm
         if ref.device != self.lm.device:
             ref.to(self.lm.device)
-        return self._token_logp(ref, self._hidden(ref, batch), batch[Columns.ACTIONS])[0]
+        return self._hidden(ref, batch)
+
+    @torch.no_grad()
+    def reference_pass(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One packed forward of the frozen reference: (log-prob of each row's action (N,), float32 hidden state (N, H))."""
+        hidden = self.reference_hidden(batch)
+        return self._token_logp(self._ref_lm, hidden, batch[Columns.ACTIONS])[0], hidden.float()

@@ -85,7 +85,11 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, targets: torch.Te
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the categorical distribution of each row. (N, V) -> (N,)."""
-    logp = torch.log_softmax(logits, dim=-1)
+    return entropy_from_logp(torch.log_softmax(logits, dim=-1))
+
+
+def entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row given its normalised log-probabilities. (N, V) -> (N,)."""
     return -(logp.exp() * logp).sum(-1)
 
 

@@ -12,7 +12,8 @@ import torch
 
 def scaled_logp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-softmax of ``logits / temperature``. (..., V) -> (..., V)."""
-    return torch.log_softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    return torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

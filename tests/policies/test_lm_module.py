@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from ray.rllib.core.columns import Columns
 
-from policies.lm_module import LMModule
+from policies.lm_module import REF_HIDDEN, LMModule
 
 W = 12
 
@@ -52,14 +52,30 @@ def test_set_state_clears_the_kv_cache():
     assert m._kv.cache is None
 
 
-def test_values_without_embeddings_hold_no_graph():
+def test_values_read_the_frozen_reference_and_hold_no_graph():
     m = module()
     with torch.no_grad():
         m.vf_head.weight.fill_(0.1)
+        m.lm.base_model.embed_tokens.weight.add_(1.0)  # the policy drifts; the critic's features must not
     batch = obs_batch()
     v = m.compute_values(batch)
     assert v.shape == (2,)
+    with torch.no_grad():
+        ref_last = m._ref_lm.base_model(input_ids=torch.tensor([[6, 7, 8]])).last_hidden_state[0, -1].float()
+    torch.testing.assert_close(v[0], m.vf_head(ref_last)[0], rtol=1e-5, atol=1e-5)
     assert v.grad_fn is not None  # only through the (tiny) head ...
-    assert all(p.grad is None for p in m.lm.parameters())
     v.sum().backward()
-    assert all(p.grad is None for p in m.lm.parameters())  # ... the LM pass ran without a graph
+    assert all(p.grad is None for p in m.lm.parameters())  # ... the reference pass ran without a graph
+    assert m.vf_head.weight.grad is not None
+    # With the batch's cached reference features no pass runs at all.
+    batch[REF_HIDDEN] = torch.zeros(2, m.vf_head.in_features)
+    torch.testing.assert_close(m.compute_values(batch), m.vf_head.bias.expand(2))
+
+
+def test_bfloat16_reference_gives_float32_outputs_close_to_float32():
+    full, half = module(), module(reference_dtype="bfloat16")
+    assert half._ref_lm.dtype == torch.bfloat16 and half.lm.dtype == torch.float32  # only the reference shrinks
+    batch = {**obs_batch(), Columns.ACTIONS: torch.tensor([3, 4])}
+    (lp32, h32), (lp16, h16) = full.reference_pass(batch), half.reference_pass(batch)
+    assert lp16.dtype == h16.dtype == torch.float32
+    torch.testing.assert_close(lp16, lp32, atol=0.05, rtol=0)
