@@ -51,12 +51,12 @@ class RewardModelConfig:
     """Encoder: 'minilm' (embedded all-MiniLM-L6-v2), 'tiny' (random, tests), a local HF directory or a hub id."""
     path: str = "runs/reward_model"
     """Where `train-rm` writes the trained reward model (HF directory) and `train` reads it."""
-    epochs: int = 2
+    epochs: int = 3
     """Passes over the training pairs."""
-    batch_size: int = 32
-    """Preference pairs per optimizer step."""
-    lr: float = 5e-5
-    """AdamW learning rate."""
+    batch_size: int = 128
+    """Preference pairs per optimizer step (at least: a prompt's comparisons stay in one step, each response encoded once)."""
+    lr: float = 1e-4
+    """AdamW learning rate (peak; linear warm-up over the first 10% of steps, then linear decay)."""
     max_length: int = 96
     """Tokens per text fed to the encoder (prompt + response), truncated from the left."""
     include_prompt: bool = False
@@ -98,7 +98,11 @@ class PPOConfig:
     epochs: int = 2
     """SGD passes over each train batch."""
     lr: float = 1e-5
-    """Adam learning rate of the policy and value head."""
+    """Adam learning rate of the policy."""
+    vf_lr: float = 1e-3
+    """Adam learning rate of the value head (a linear head on the frozen reference model's hidden states)."""
+    reference_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Weights of the frozen reference model (KL penalty and value features); bfloat16 halves its memory and, on CPUs with AMX or on GPUs, makes its pass about 3x faster at about 0.03 nats/token of log-prob error."""
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
     clip_param: float = 0.2
@@ -248,6 +252,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "ppo.epochs": (lambda v: v >= 1, "an integer >= 1"),
     "ppo.lr": (lambda v: v > 0, "a number > 0"),
     "ppo.grad_clip": (lambda v: v > 0, "a number > 0"),
+    "ppo.vf_lr": (lambda v: v > 0, "a number > 0"),
     "ppo.clip_param": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "ppo.vf_clip_param": (lambda v: v > 0, "a number > 0"),
     "ppo.vf_loss_coeff": (lambda v: v >= 0, "a number >= 0"),

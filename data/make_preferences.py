@@ -7,7 +7,13 @@ VADER's compound sentiment; the annotator prefers response a over b with the Bra
 probability P(a > b) = sigmoid((s_a - s_b) / tau). Gold scores are kept for evaluation.
 Deterministic for a given seed on one machine.
 
-    python data/make_preferences.py [--train 4000] [--test 500] [--tau 0.1] [--seed 0]
+Train split: a prompt drawn k times has 2k sampled responses, and the annotator compares every
+two of them (``--pairing all``, as InstructGPT ranks K responses per prompt into C(K, 2)
+comparisons), so each response is judged several times instead of once; the reward-model trainer
+encodes each response once per batch however many pairs it is in. The held-out split keeps one
+pair per draw, so its agreement numbers stay comparable across pairings.
+
+    python data/make_preferences.py [--train 4000] [--test 500] [--tau 0.1] [--seed 0] [--pairing all]
 """
 
 from __future__ import annotations
@@ -70,13 +76,29 @@ def hash_seed(name: str, index: int) -> int:
     return zlib.crc32(f"{name}:{index}".encode())
 
 
+def all_pairs(prompts: list[str], pairs: list[tuple[str, str]]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Every two distinct responses sampled for the same prompt, in first-seen order."""
+    by_prompt: dict[str, list[str]] = {}
+    for prompt, pair in zip(prompts, pairs):
+        seen = by_prompt.setdefault(prompt, [])
+        seen += [r for r in pair if r and r not in seen]
+    out_prompts, out_pairs = [], []
+    for prompt, responses in by_prompt.items():
+        for i, a in enumerate(responses):
+            for b in responses[i + 1:]:
+                out_prompts.append(prompt)
+                out_pairs.append((a, b))
+    return out_prompts, out_pairs
+
+
 def label(prompts: list[str], pairs: list[tuple[str, str]], split: str, tau: float, rng: random.Random) -> list[dict]:
     """Bradley-Terry annotator: keep pairs with two non-empty responses, prefer by noisy gold score."""
     rows = []
+    gold = dict(zip(*(lambda t: (t, gold_scores(t)))(sorted({r for pair in pairs for r in pair if r}))))
     for prompt, (a, b) in zip(prompts, pairs):
         if not a or not b:
             continue
-        sa, sb = gold_scores([a, b])
+        sa, sb = gold[a], gold[b]
         p_a = 1.0 / (1.0 + math.exp(-(sa - sb) / tau))
         chosen, rejected, sc, sr = (a, b, sa, sb) if rng.random() < p_a else (b, a, sb, sa)
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "split": split,
@@ -91,6 +113,8 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pairing", choices=["all", "sampled"], default="all",
+                    help="train pairs: every two responses of a prompt (all) or one pair per draw (sampled)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--out", default=str(DATA / "preferences.parquet"))
@@ -112,7 +136,14 @@ def main() -> None:
         with tqdm(total=len(prompts), desc=f"sampling {split} pairs", unit="pair") as bar:
             cache = cache_dir / f"{split}-{n}-seed{args.seed}-{args.model.replace('/', '_')}.json"
             pairs = sample_pairs(model, tok, prompts, cfg, args.batch, bar, cache)
-        rows += label(prompts, pairs, split, args.tau, rng)[:n]
+        labelled = label(prompts, pairs, split, args.tau, rng)[:n]  # the first n draws fix the responses
+        if split == "train" and args.pairing == "all":
+            kept = {(r["prompt"], r["chosen"]) for r in labelled} | {(r["prompt"], r["rejected"]) for r in labelled}
+            drawn = [(p, pair) for p, pair in zip(prompts, pairs) if (p, pair[0]) in kept and (p, pair[1]) in kept]
+            # Its own random stream, so the held-out draws below stay the same for either pairing.
+            labelled = label(*all_pairs([p for p, _ in drawn], [pair for _, pair in drawn]), split, args.tau,
+                             random.Random(f"all-pairs-{args.seed}"))
+        rows += labelled
     write_preferences(args.out, rows)
     print(f"{args.out}: {len(rows)} pairs in {time.time() - start:.0f}s")
 

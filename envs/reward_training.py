@@ -31,12 +31,33 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torc
 
 
 def _pair_scores(rm: RewardModel, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores (B,) of the chosen and rejected responses of a batch, in one encoder pass."""
+    """Scores (B,) of the chosen and rejected responses of a batch, in one encoder pass over its distinct texts."""
     prompts = [r["prompt"] for r in rows]
     texts = rm.texts([r["chosen"] for r in rows], prompts) + rm.texts([r["rejected"] for r in rows], prompts)
-    enc = rm.encode(texts)
-    scores = rm(enc["input_ids"], enc["attention_mask"])  # (2B,)
+    distinct = list(dict.fromkeys(texts))  # a response compared k times is encoded once
+    where = {t: i for i, t in enumerate(distinct)}
+    enc = rm.encode(distinct)
+    scores = rm(enc["input_ids"], enc["attention_mask"])[torch.tensor([where[t] for t in texts])]  # (2B,)
     return scores[: len(rows)], scores[len(rows) :]
+
+
+def prompt_batches(rows: list[dict], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Row indices of each step: prompt groups in random order, cut into batches of batch_size pairs.
+
+    Keeping a prompt's comparisons next to each other lets each response be encoded once for all
+    its pairs in a step (a group straddles at most two steps).
+    """
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r["prompt"], []).append(i)
+    keys = list(groups)
+    rng.shuffle(keys)
+    order = []
+    for k in keys:
+        members = groups[k][:]
+        rng.shuffle(members)
+        order += members
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def evaluate_rm(rm: RewardModel, rows: list[dict], batch_size: int = 64) -> dict[str, float]:
@@ -56,22 +77,20 @@ def evaluate_rm(rm: RewardModel, rows: list[dict], batch_size: int = 64) -> dict
 def _fit(rm: RewardModel, rows: list[dict], cfg: Config) -> list[float]:
     """Run the optimisation loop with a progress bar; returns the per-step losses."""
     rc = cfg.reward_model
-    opt = torch.optim.AdamW(rm.parameters(), lr=rc.lr, weight_decay=0.01)
-    steps = rc.epochs * ((len(rows) + rc.batch_size - 1) // rc.batch_size)
+    opt = torch.optim.AdamW(rm.parameters(), lr=rc.lr, weight_decay=0.01, fused=True)
+    rng = random.Random(cfg.run.seed)
+    epochs = [prompt_batches(rows, rc.batch_size, rng) for _ in range(rc.epochs)]
+    steps = sum(map(len, epochs))
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
     )
-    rng = random.Random(cfg.run.seed)
     losses: list[float] = []
     rm.train()
     with tqdm(total=steps, desc="reward model", unit="step") as bar:
-        for _ in range(rc.epochs):
-            order = list(range(len(rows)))
-            rng.shuffle(order)
-            for i in range(0, len(order), rc.batch_size):
-                batch = [rows[j] for j in order[i : i + rc.batch_size]]
-                r_c, r_r = _pair_scores(rm, batch)
+        for batches in epochs:
+            for indices in batches:
+                r_c, r_r = _pair_scores(rm, [rows[j] for j in indices])
                 loss = bradley_terry_loss(r_c, r_r)
                 opt.zero_grad()
                 loss.backward()

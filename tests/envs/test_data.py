@@ -80,3 +80,22 @@ def test_missing_and_corrupt_files(tmp_path):
     only_test = write_prompts(tmp_path / "t.parquet", ["a"], ["test"])
     with pytest.raises(DataError, match="no rows in split 'train'"):
         load_prompts(only_test, "train")
+
+
+def test_all_pairs_compares_every_two_responses_of_a_prompt():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_preferences", REPO_ROOT / "data/make_preferences.py")
+    mp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mp)
+    prompts, pairs = mp.all_pairs(["p", "q", "p"], [("a", "b"), ("x", "y"), ("c", "a")])
+    # p has a, b, c (a repeated, counted once); q has x, y.
+    assert list(zip(prompts, pairs)) == [("p", ("a", "b")), ("p", ("a", "c")), ("p", ("b", "c")), ("q", ("x", "y"))]
+
+
+def test_shipped_pairs_never_mix_splits_or_compare_a_text_with_itself():
+    path = REPO_ROOT / "data/preferences.parquet"
+    if not path.exists():
+        pytest.skip("preferences not generated yet")
+    train, test = load_preferences(path, "train"), load_preferences(path, "test")
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert all(r["chosen"] != r["rejected"] for r in train)

@@ -70,3 +70,32 @@ def test_sum_pooling_is_saved_and_not_diluted_by_length(tmp_path):
     assert RewardModel.load(tmp_path / "rm").pooling == "sum"
     with pytest.raises(ValueError, match="pooling"):
         RewardModel.from_backbone("tiny", pooling="max")
+
+
+def test_prompt_batches_keep_groups_together_and_cover_every_pair():
+    import random
+
+    from envs.reward_training import prompt_batches
+    rows = [{"prompt": p} for p in "aaabbcaab"]  # a: 5 pairs, b: 3, c: 1
+    batches = prompt_batches(rows, 4, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(9))
+    assert [len(b) for b in batches] == [4, 4, 1]
+    order = [rows[i]["prompt"] for b in batches for i in b]
+    assert len([k for i, k in enumerate(order) if i == 0 or k != order[i - 1]]) == 3  # each prompt contiguous
+
+
+def test_pair_scores_encode_each_distinct_text_once():
+    from envs.reward_training import _pair_scores
+    rm = RewardModel.from_backbone("tiny").eval()
+    rows = [{"prompt": "p", "chosen": "great", "rejected": "awful"},
+            {"prompt": "p", "chosen": "great", "rejected": "boring"},
+            {"prompt": "p", "chosen": "boring", "rejected": "awful"}]
+    seen = []
+    orig = rm.encode
+    rm.encode = lambda texts: seen.append(list(texts)) or orig(texts)
+    with torch.no_grad():
+        c, r = _pair_scores(rm, rows)
+    assert seen == [["great", "boring", "awful"]]
+    want = dict(zip(["great", "awful", "boring"], rm.score(["great", "awful", "boring"])))
+    torch.testing.assert_close(c, torch.tensor([want["great"], want["great"], want["boring"]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(r, torch.tensor([want["awful"], want["boring"], want["awful"]]), atol=1e-5, rtol=0)
