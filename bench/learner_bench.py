@@ -108,7 +108,8 @@ def main() -> None:
         steps.append(time.perf_counter() - t0)
     p, pa, u, s = (statistics.median(x) for x in (plain, plain_adam, update, steps))
     print(f"plain fwd+bwd {p:.3f}s | plain fwd+bwd+adam {pa:.3f}s | ppo step {s:.3f}s ({s / p:.2f}x plain, "
-          f"{s / pa:.2f}x plain+adam) | ppo update incl. ref+value passes {u:.3f}s ({u / p:.2f}x plain)")
+          f"{s / pa:.2f}x plain+adam) | ppo update incl. the reference pass (KL + values) {u:.3f}s "
+          f"({u / p:.2f}x plain, {u / pa:.2f}x plain+adam)")
 
 
 if __name__ == "__main__":

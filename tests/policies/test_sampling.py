@@ -34,3 +34,12 @@ def test_sample_logp_and_greedy():
     # temperature 0.5 squares the odds: p = [1/10, 9/10]
     _, logp = sample_tokens(logits[:1], temperature=0.5, top_k=1)
     torch.testing.assert_close(logp, torch.tensor([math.log(0.9)]))
+
+
+def test_sampled_frequencies_follow_the_distribution():
+    p = torch.tensor([0.1, 0.2, 0.0, 0.7])
+    logits = torch.log(p).repeat(20000, 1)
+    tokens, _ = sample_tokens(logits, generator=torch.Generator().manual_seed(1))
+    freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert freq[2] == 0  # a zero-probability token is never drawn
+    torch.testing.assert_close(freq, p, atol=0.015, rtol=0)  # 3+ standard errors at n = 20000
