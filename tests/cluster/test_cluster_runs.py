@@ -85,9 +85,10 @@ def learner_state(ckpt: Path) -> dict:
     return pickle.loads((ckpt / "learner_group" / "learner" / "state.pkl").read_bytes())
 
 
-def adam_steps(ckpt: Path) -> float:
-    (opt,) = learner_state(ckpt)["optimizer"].values()
-    return max(float(s["step"]) for s in opt["state"]["state"].values())
+def adam_steps(ckpt: Path) -> dict[str, float]:
+    """Steps taken by each of the learner's optimizers (the policy's and the value head's)."""
+    return {name: max(float(s["step"]) for s in opt["state"]["state"].values())
+            for name, opt in learner_state(ckpt)["optimizer"].items()}
 
 
 # --- the tests ------------------------------------------------------------------------------
@@ -182,7 +183,8 @@ def test_killed_job_resumes_with_kl_optimizer_and_data_position(cluster, client,
     assert rows[k]["kl_coef_used"] == pytest.approx(saved_coef)  # not the initial ppo.kl_coef
     assert saved_coef != pytest.approx(0.05)
     nxt = ckpt_dir / f"iter_{k + 1:06d}"
-    assert adam_steps(nxt) == saved_steps + steps_per_iteration  # Adam went on counting
+    assert len(saved_steps) == 2  # policy and value head
+    assert adam_steps(nxt) == {n: saved_steps[n] + steps_per_iteration[n] for n in saved_steps}  # Adam went on counting
     pos = json.loads((nxt / "alignray_state.json").read_text())["data_positions"]
     runner = [i for i, p in enumerate(saved_pos) if p is not None]
     assert runner and all(pos[i]["position"] > saved_pos[i]["position"] for i in runner)
