@@ -56,16 +56,33 @@ def sample(model, tok, prompts: list[list[int]], max_new_tokens: int, temperatur
 
 
 @torch.no_grad()
-def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0) -> list[float]:
-    """Sum over response tokens of log pi(y_t | prefix) at the sampling temperature, one per pair."""
-    out = []
-    for p, r in zip(prompts, responses):
-        if not r:
-            out.append(0.0)
-            continue
-        ids = torch.tensor([p + r])  # (1, T)
-        logits = model(ids).logits[0, len(p) - 1 : -1] / temperature  # (len(r), V)
-        out.append(float(torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(r)[:, None]).sum()))
+def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0,
+                      batch_size: int = 16) -> list[float]:
+    """Sum over response tokens of log pi(y_t | prefix) at the sampling temperature, one per pair.
+
+    Right-padded batches of prompt + response (padding after the text cannot change a causal
+    model's earlier positions); the LM head runs only at the positions that predict a response token.
+    """
+    out: list[float] = []
+    for i in range(0, len(prompts), batch_size):
+        seqs = [p + r for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
+        resp = responses[i : i + batch_size]
+        width = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s), 1
+        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+        rows = torch.tensor([j for j, r in enumerate(resp) for _ in r], dtype=torch.long)  # (N,)
+        pos = torch.tensor([len(s) - len(r) - 1 + t for s, r in zip(seqs, resp) for t in range(len(r))],
+                           dtype=torch.long)  # (N,) the position whose output predicts each response token
+        targets = torch.tensor([tok for r in resp for tok in r], dtype=torch.long)  # (N,)
+        totals = torch.zeros(len(seqs), dtype=torch.float64)
+        if len(targets):
+            logits = model.get_output_embeddings()(hidden[rows, pos]).float() / temperature  # (N, V)
+            logp = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+            totals.index_add_(0, rows, logp.double())
+        out += totals.tolist()
     return out
 
 

@@ -4,11 +4,12 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from cluster.config import load_config
 from envs.data import write_prompts
 from policies.evaluate import distinct_n, evaluate
-from policies.models import export_pretrained, tiny_causal_lm
+from policies.models import export_pretrained, load_causal_lm, tiny_causal_lm
 from policies.report import write_report
 
 
@@ -66,3 +67,20 @@ def test_report_from_metrics_and_eval(tmp_path, tiny_cfg):
         assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
         assert f"report/{name}.png" in text
     assert "| prompt | reference (gold) | policy (gold, KL) |" in text
+
+
+def test_batched_sequence_logprobs_match_one_pass_per_response():
+    from policies.evaluate import sequence_logprobs
+    lm, _ = load_causal_lm("tiny", tiny_vocab_size=64)
+    prompts, responses = [[5, 6, 7], [8], [9, 10], [11, 12]], [[20, 21], [22, 23, 24, 25], [], [3]]
+    want = []
+    with torch.no_grad():
+        for p, r in zip(prompts, responses):
+            if not r:
+                want.append(0.0)
+                continue
+            logits = lm(torch.tensor([p + r])).logits[0, len(p) - 1 : -1] / 0.7
+            want.append(float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None]).sum()))
+    got = sequence_logprobs(lm, prompts, responses, temperature=0.7, batch_size=3)  # batches of 3 and 1
+    assert got == pytest.approx(want, abs=1e-4)
+    assert got[2] == 0.0
