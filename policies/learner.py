@@ -30,6 +30,13 @@ from policies.lm_module import ENTROPY, LOGP
 from policies.ppo_math import KLController, masked_mean, pg_loss, value_loss, whiten
 
 
+def pooled_kl(last: dict[str, float], all_reduce_sum) -> tuple[float, float]:
+    """(mean per-response KL, responses) of the whole batch across Learners, from this Learner's shard stats."""
+    kl_sum, responses = (last["kl_ref"] * last["responses"], last["responses"]) if last else (0.0, 0.0)
+    kl_sum, responses = all_reduce_sum([kl_sum, responses])
+    return (kl_sum / responses if responses > 0 else 0.0), responses
+
+
 def _nonzero(coeff) -> bool:
     """Whether an entropy coefficient (a number or a [[timestep, value], ...] schedule) is ever non-zero."""
     if isinstance(coeff, (list, tuple)):
@@ -126,9 +133,19 @@ class LMPPOLearner(PPOTorchLearner):
         if last:
             for module_id in self.module.keys():
                 self.metrics.log_dict({k: v for k, v in last.items()}, key=module_id, window=1)
-            self.kl_controller.update(last["kl_ref"], int(round(last["responses"])))
+        kl, responses = pooled_kl(last, self._all_reduce_sum)
+        if responses > 0:
+            self.kl_controller.update(kl, int(round(responses)))
         for module_id in self.module.keys():
             self.metrics.log_value((module_id, "kl_coef"), self.kl_controller.coef, window=1)
+
+    def _all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum values over all Learners (identity with one), so every Learner moves the KL coefficient alike."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self._device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
 
     @override(PPOTorchLearner)
     def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:

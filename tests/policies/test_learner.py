@@ -43,3 +43,13 @@ def test_non_finite_gradients_are_zeroed_and_the_rest_still_step(learner):
     assert torch.isfinite(params[bad]).all()
     moved = [pid for pid, p in params.items() if not torch.equal(p.detach(), before[pid])]
     assert len(moved) >= len(params) - 1  # every finite gradient stepped its parameter
+
+
+def test_kl_is_pooled_over_learners_before_the_controller_moves():
+    from policies.learner import pooled_kl
+    # This learner saw 2 responses at 3 nats; the other (simulated by the reduce) 6 responses at 1 nat.
+    other = [6 * 1.0, 6.0]
+    kl, n = pooled_kl({"kl_ref": 3.0, "responses": 2.0}, lambda v: [a + b for a, b in zip(v, other)])
+    assert (kl, n) == (pytest.approx((6 + 6) / 8), 8.0)  # 1.5 nats over 8 responses, on every learner
+    assert pooled_kl({"kl_ref": 3.0, "responses": 2.0}, lambda v: v) == (pytest.approx(3.0), 2.0)  # one learner
+    assert pooled_kl({}, lambda v: v) == (0.0, 0.0)  # nothing measured: the coefficient stays
