@@ -36,15 +36,20 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     """Draw one token per row; return (tokens (B,), their log-prob under the tempered full distribution (B,))."""
     logp = scaled_logp(logits, temperature)  # (B, V)
     probs = torch.softmax(filter_logits(logp, top_k, top_p), dim=-1)
-    # Inverse-CDF sampling: one uniform per row against the cumulative probabilities. Exact, and on a CPU
-    # about 20x faster than torch.multinomial over a 49k-token vocabulary (1.5 ms vs 29 ms at B=32),
-    # which was an eighth of an EnvRunner step.
-    cdf = probs.cumsum(-1)  # (B, V)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # (B,)
-    # u can round up to the total (about 1 draw in 2^24): fall back to the likeliest token, never a filtered one.
-    tokens = torch.where(tokens < probs.shape[-1], tokens, probs.argmax(-1))
+    tokens = inverse_cdf(probs, torch.rand(probs.shape[0], generator=generator, device=probs.device))
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token of each row whose cumulative-probability interval holds u (uniform in [0, 1)). (B, V), (B,) -> (B,).
+
+    Exact sampling, and on a CPU about 20x faster than torch.multinomial over a 49k-token
+    vocabulary (1.5 ms vs 29 ms at B=32, which was an eighth of an EnvRunner step).
+    """
+    cdf = probs.cumsum(-1)  # (B, V)
+    tokens = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(-1)  # (B,)
+    # u * total can round up to the total (about 1 draw in 2^24): take the likeliest token, never a filtered one.
+    return torch.where(tokens < probs.shape[-1], tokens, probs.argmax(-1))
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:

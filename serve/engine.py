@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from policies.models import load_causal_lm
+from policies.sampling import inverse_cdf
 
 
 class InputError(ValueError):
@@ -93,13 +94,9 @@ def sample_next(logits: torch.Tensor, jobs: list[GenerationJob], generators: lis
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # (B, V)
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    out = torch.empty(len(jobs), dtype=torch.long)
-    for i, job in enumerate(jobs):
-        if job.temperature == 0.0:
-            out[i] = logits[i].argmax()
-        else:
-            out[i] = torch.multinomial(probs[i], 1, generator=generators[i])[0]
-    return out
+    u = torch.stack([torch.rand((), generator=g) for g in generators])  # (B,) each request's own stream
+    greedy = torch.tensor([j.temperature == 0.0 for j in jobs])
+    return torch.where(greedy, logits.argmax(-1), inverse_cdf(probs, u))
 
 
 class GenerationEngine:
