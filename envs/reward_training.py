@@ -25,6 +25,10 @@ from envs.reward_model import RewardModel
 from envs.stats import pairwise_agreement, spearman
 
 
+NORM_SAMPLE = 2000
+"""Distinct training responses whose scores give the reward model's normalisation mean and std."""
+
+
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     """Mean of -log sigmoid(r_chosen - r_rejected) over the batch; inputs (B,)."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
@@ -121,9 +125,11 @@ def train_reward_model(cfg: Config) -> dict:
     start = time.time()
     before = evaluate_rm(rm, test_rows, rc.score_batch_size)
     losses = _fit(rm, train_rows, cfg)
-    # Normalisation stats over training responses, so env rewards are on a unit scale.
-    sample = [r["chosen"] for r in train_rows[:1000]] + [r["rejected"] for r in train_rows[:1000]]
-    scores = np.array(rm.score(sample, batch_size=rc.score_batch_size))
+    # Normalisation stats (so env rewards are on a unit scale) over distinct training responses drawn
+    # from every prompt: rows are grouped by prompt, so the first rows would cover only a few prompts.
+    distinct = sorted({(r[k], r["prompt"]) for r in train_rows for k in ("chosen", "rejected")})
+    sample = random.Random(cfg.run.seed).sample(distinct, min(NORM_SAMPLE, len(distinct)))
+    scores = np.array(rm.score([t for t, _ in sample], [p for _, p in sample], batch_size=rc.score_batch_size))
     rm.score_mean, rm.score_std = float(scores.mean()), float(scores.std() or 1.0)
     after = evaluate_rm(rm, test_rows, rc.score_batch_size)
     out = rm.save(Path(rc.path))

@@ -99,3 +99,22 @@ def test_pair_scores_encode_each_distinct_text_once():
     want = dict(zip(["great", "awful", "boring"], rm.score(["great", "awful", "boring"])))
     torch.testing.assert_close(c, torch.tensor([want["great"], want["great"], want["boring"]]), atol=1e-5, rtol=0)
     torch.testing.assert_close(r, torch.tensor([want["awful"], want["boring"], want["awful"]]), atol=1e-5, rtol=0)
+
+
+def test_normalisation_stats_cover_the_distinct_responses_of_every_prompt(tmp_path):
+    import numpy as np
+
+    # Rows come grouped by prompt: 1,000 comparisons of prompt A first, then prompt B's. The stats must
+    # weigh each distinct response once, B's included, not just whatever the first rows hold.
+    a = [{"prompt": "A", "chosen": "great fun", "rejected": "awful acting"}] * 1000
+    b = [{"prompt": "B", "chosen": f"a wonderful film number {i}", "rejected": f"a boring film number {i}"} for i in range(4)]
+    rows = [{**r, "split": "train", "chosen_score": 0.6, "rejected_score": -0.6} for r in a + b]
+    data = write_preferences(tmp_path / "p.parquet", rows + [{**rows[-1], "split": "test"}])
+    cfg = load_config(None, [f"data.preferences={data}", "reward_model.backbone=tiny", f"reward_model.path={tmp_path / 'rm'}",
+                             "reward_model.epochs=1", "reward_model.batch_size=128"])
+    train_reward_model(cfg)
+    rm = RewardModel.load(tmp_path / "rm")
+    distinct = sorted({r[k] for r in rows for k in ("chosen", "rejected")})  # 10 texts, fewer than NORM_SAMPLE
+    scores = np.array(rm.score(distinct))
+    assert rm.score_mean == pytest.approx(scores.mean(), abs=1e-5)
+    assert rm.score_std == pytest.approx(scores.std(), abs=1e-5)
