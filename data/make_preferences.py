@@ -94,7 +94,8 @@ def all_pairs(prompts: list[str], pairs: list[tuple[str, str]]) -> tuple[list[st
 def label(prompts: list[str], pairs: list[tuple[str, str]], split: str, tau: float, rng: random.Random) -> list[dict]:
     """Bradley-Terry annotator: keep pairs with two non-empty responses, prefer by noisy gold score."""
     rows = []
-    gold = dict(zip(*(lambda t: (t, gold_scores(t)))(sorted({r for pair in pairs for r in pair if r}))))
+    texts = sorted({r for pair in pairs for r in pair if r})
+    gold = dict(zip(texts, gold_scores(texts)))  # each distinct response scored once
     for prompt, (a, b) in zip(prompts, pairs):
         if not a or not b:
             continue

@@ -22,8 +22,8 @@ from cluster.config import Config
 from envs.data import load_prompts
 from envs.gold import gold_scores
 from envs.prompting import prompt_ids
-from envs.reward_model import RewardModel
-from policies.models import ModelLoadError, load_causal_lm
+from envs.rewards import load_reward_model
+from policies.models import load_causal_lm
 
 METRICS = ("rm_score", "gold_score", "kl", "length", "eos", "distinct_1", "distinct_2")
 
@@ -127,13 +127,7 @@ def evaluate(cfg: Config, policy: str, out_dir: str | Path | None = None) -> dic
     out = Path(out_dir) if out_dir else (Path(policy) / "eval" if Path(policy).is_dir() else Path(cfg.run.output_dir) / "eval")
     ref, tok = load_causal_lm(cfg.model.policy, cfg.model.dtype, cfg.model.tiny_vocab_size)
     pol, _ = load_causal_lm(policy_dir, cfg.model.dtype) if policy_dir != cfg.model.policy else (ref, tok)
-    rm_path = Path(cfg.reward_model.path)
-    try:
-        rm = RewardModel.load(rm_path)
-    except ModelLoadError:
-        if cfg.reward_model.backbone != "tiny":
-            raise
-        rm = RewardModel.from_backbone("tiny")  # tiny test runs may skip reward-model training
+    rm = load_reward_model(str(cfg.reward_model.path), cfg.reward_model.backbone)  # tiny runs may skip training
     prompts = load_prompts(cfg.resolve_path(cfg.data.prompts), "test")[: cfg.run.eval_prompts]
     e = cfg.env
     prompt_tok = [prompt_ids(tok, p, e.instruction, e.chat_template, e.max_prompt_tokens) for p in prompts]
