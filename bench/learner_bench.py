@@ -34,7 +34,7 @@ def sample_episodes(cfg, episodes: int):
 
     from policies.algo import build_ppo_config
 
-    runner = SingleAgentEnvRunner(config=build_ppo_config(cfg).env_runners(num_envs_per_env_runner=episodes))
+    runner = SingleAgentEnvRunner(config=build_ppo_config(cfg, cfg.run.seed).env_runners(num_envs_per_env_runner=episodes))
     eps = runner.sample(num_timesteps=episodes * cfg.env.max_new_tokens, explore=True)
     env = runner.env.unwrapped.envs[0]
     runner.stop()
@@ -77,15 +77,15 @@ def main() -> None:
     cfg = load_config("demo", [f"model.policy={args.model}", f"env.max_new_tokens={args.max_new_tokens}",
                                "env.reward={length: 1.0}", f"ppo.episodes_per_iteration={args.episodes}",
                                f"ppo.minibatch_episodes={args.episodes}", "ppo.epochs=1"])
+    from envs.models import load_causal_lm
     from policies.algo import build_ppo_config
-    from policies.models import load_causal_lm
 
     episodes, env = sample_episodes(cfg, args.episodes)
     ids, lengths, actions = token_rows(episodes)
     packing = pack_rows(ids, lengths)
     print(f"model={args.model} episodes={len(episodes)} tokens={len(actions)} packed sequences={len(packing.seqs)} "
           f"x {packing.seqs.shape[1]} threads={args.threads}")
-    learner = build_ppo_config(cfg).build_learner(env=env)
+    learner = build_ppo_config(cfg, cfg.run.seed).build_learner(env=env)
     lm, _ = load_causal_lm(cfg.model.policy, cfg.model.dtype, cfg.model.tiny_vocab_size)
     lm.train()
     opt = torch.optim.Adam(lm.parameters(), lr=1e-7, fused=True)  # as the Learner

@@ -20,7 +20,7 @@ import time
 import torch
 
 from cluster.config import load_config
-from envs.data import load_prompts
+from envs.data import load_prompts, resolve_path
 from envs.prompting import prompt_ids
 
 
@@ -52,7 +52,7 @@ def make_runner(cfg, batch: int):
 
     from policies.algo import build_ppo_config
 
-    config = build_ppo_config(cfg).env_runners(num_envs_per_env_runner=batch)
+    config = build_ppo_config(cfg, cfg.run.seed).env_runners(num_envs_per_env_runner=batch)
     return SingleAgentEnvRunner(config=config)
 
 
@@ -77,8 +77,8 @@ def main() -> None:
     reward = "{reward_model: 1.0}" if args.reward_model else "{length: 1.0}"
     cfg = load_config("demo", [f"model.policy={args.model}", f"env.max_new_tokens={args.max_new_tokens}",
                                f"env.reward={reward}", "reward_model.backbone=tiny" if args.model == "tiny" else "run.seed=0"])
-    prompts = load_prompts(cfg.resolve_path(cfg.data.prompts))
-    from policies.models import load_causal_lm
+    prompts = load_prompts(resolve_path(cfg.data.prompts))
+    from envs.models import load_causal_lm
 
     lm, tok = load_causal_lm(cfg.model.policy, cfg.model.dtype, cfg.model.tiny_vocab_size)
     print(f"model={args.model} max_new_tokens={args.max_new_tokens} threads={args.threads} rounds={args.rounds}")

@@ -35,7 +35,7 @@ def measure(cfg, n: int, rounds: int) -> dict[str, float]:
     from policies.algo import build_ppo_config
 
     t0 = time.perf_counter()
-    algo = build_ppo_config(cfg).build_algo()
+    algo = build_ppo_config(cfg, cfg.run.seed).build_algo()
     build_s = time.perf_counter() - t0
     steps = cfg.rollout.num_envs_per_env_runner * cfg.env.max_new_tokens
     group = algo.env_runner_group

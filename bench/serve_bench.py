@@ -91,7 +91,8 @@ def start(args: argparse.Namespace) -> tuple[dict[str, str], str]:
     import ray
 
     from cluster.config import load_config
-    from serve.run import resolve_policy, start_app
+    from cluster.serving import start_app
+    from policies.export import resolve_policy
 
     ray.init(num_cpus=2 * args.cpus, include_dashboard=False, log_to_driver=False)
     common = [f"serve.port={args.port}", f"serve.num_cpus_per_replica={args.cpus}",

@@ -9,41 +9,35 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.config import ConfigError, describe, dump_config, load_config
+from cluster.config import Config, ConfigError, dump_config, field_docs, load_config, preset_and_overrides
 from envs.data import DataError
-from policies.models import ModelLoadError
+from envs.models import ModelLoadError
 
 
-def _config_args(p: argparse.ArgumentParser, default: str | None = "demo") -> None:
-    p.add_argument("config", nargs="?", default=default, help="preset name under configs/ or a YAML file")
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None, help="preset name under configs/ or a YAML file (default: demo)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
 
 
-def _split_overrides(args: argparse.Namespace) -> tuple[str, list[str]]:
-    """Allow overrides without a preset: `alignray train ppo.lr=1e-5` means the demo preset."""
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:
-        overrides.insert(0, config)
-        config = "demo"
-    return config, overrides
+def _load(args: argparse.Namespace) -> Config:
+    """The config a command names: a preset (default demo) and its overrides, or overrides alone."""
+    return load_config(*preset_and_overrides(args.config, args.overrides))
 
 
 def cmd_config(args: argparse.Namespace) -> None:
     """Print the resolved config (or every field with its docstring)."""
     if args.docs:
-        for name, default, doc in describe():
+        for name, default, doc in field_docs():
             print(f"{name} = {default!r}\n    {doc}")
         return
-    preset, overrides = _split_overrides(args)
-    print(dump_config(load_config(preset, overrides)), end="")
+    print(dump_config(_load(args)), end="")
 
 
 def cmd_train_rm(args: argparse.Namespace) -> None:
     """Train the reward model on the configured preference data."""
-    from envs.reward_training import train_reward_model
+    from cluster.train import train_rm
 
-    preset, overrides = _split_overrides(args)
-    metrics = train_reward_model(load_config(preset, overrides))
+    metrics = train_rm(_load(args))
     print(f"reward model written to {metrics['path']}")
     line = f"held-out label accuracy {metrics['eval_accuracy']:.3f}"
     if "eval_spearman" in metrics:
@@ -53,42 +47,40 @@ def cmd_train_rm(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Run PPO with RLlib."""
-    from policies.train import train
+    from cluster.train import train
 
-    preset, overrides = _split_overrides(args)
-    train(load_config(preset, overrides), resume=args.resume)
+    train(_load(args), resume=args.resume)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a checkpoint or HF directory against the reference on held-out prompts."""
-    from policies.evaluate import evaluate
+    from cluster.evaluate import evaluate
 
-    cfg = load_config(args.config, args.overrides)
-    summary = evaluate(cfg, args.model, out_dir=args.out)
+    summary = evaluate(_load(args), args.model, out_dir=args.out)
     print(summary["text"])
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Reward model, PPO, evaluation, report, export: the whole pipeline."""
-    from policies.demo import run_demo
+    from cluster.demo import run_demo
 
-    preset, overrides = _split_overrides(args)
-    run_demo(load_config(preset, overrides), fresh=args.fresh)
+    run_demo(_load(args), fresh=args.fresh)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Serve a policy (and the reward model) over OpenAI-compatible HTTP with Ray Serve."""
-    from serve.run import run_serve
+    from cluster.serving import run_serve
 
-    preset, overrides = _split_overrides(args)
-    run_serve(args.model, load_config(preset, overrides), reward_model=args.reward_model)
+    run_serve(args.model, _load(args), reward_model=args.reward_model)
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
     """Submit `alignray train` as a Ray job."""
-    from cluster.jobs import submit
+    from cluster.jobs import SubmitSettings, runtime_env_from_environ, submit
 
-    submit(args.config, args.overrides, address=args.address, follow=args.follow, resume=args.resume)
+    how = SubmitSettings(address=args.address, follow=args.follow, resume=args.resume,
+                         runtime_env=runtime_env_from_environ())
+    submit(args.config, args.overrides, how)
 
 
 def cmd_jobs(args: argparse.Namespace) -> None:

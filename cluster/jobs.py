@@ -34,17 +34,31 @@ import secrets
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import yaml
+from pydantic import Field
 
-from cluster.cli import _split_overrides
-from cluster.config import REPO_ROOT, Config, ConfigError, config_to_dict, load_config
+from cluster.config import REPO_ROOT, Config, ConfigError, config_to_dict, load_config, preset_and_overrides
+from envs.settings import Settings
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+
+
+class SubmitSettings(Settings):
+    """How `alignray submit` reaches the cluster and what it does after submitting."""
+
+    address: str | None = None
+    """Ray dashboard address (None: $RAY_API_SERVER_ADDRESS, an http $RAY_ADDRESS, else the local dashboard)."""
+    follow: bool = False
+    """Stream the job's logs until it ends; exit non-zero if it failed."""
+    resume: bool = False
+    """Continue from the newest checkpoint under run.output_dir."""
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    """Extra runtime_env keys merged over the default (pip, env_vars, conda, image_uri, excludes...)."""
 EXCLUDES = [
     ".venv", "venv", ".git", "runs", "build", "**/__pycache__", "*.egg-info",
     ".pytest_cache", "*.tmp*", "*.ckpt", "*.safetensors", "*.gguf",
@@ -147,23 +161,29 @@ def connect(address: str | None):
 
 
 # --- what is submitted ----------------------------------------------------------------------
-def runtime_env() -> dict[str, Any]:
-    """The job's runtime_env: this repo as working_dir, merged with $ALIGNRAY_RUNTIME_ENV."""
+def runtime_env_from_environ() -> dict[str, Any]:
+    """The extra runtime_env keys in $ALIGNRAY_RUNTIME_ENV (a YAML mapping, or a file holding one)."""
+    extra = os.environ.get("ALIGNRAY_RUNTIME_ENV", "").strip()
+    if not extra:
+        return {}
+    text = Path(extra).read_text() if Path(extra).is_file() else extra
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise fail(f"ALIGNRAY_RUNTIME_ENV is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise fail("ALIGNRAY_RUNTIME_ENV must be a YAML mapping (a runtime_env) or a file holding one")
+    return data
+
+
+def runtime_env(extra: dict[str, Any]) -> dict[str, Any]:
+    """The job's runtime_env: this repo as working_dir, merged with the extra keys."""
     if not (REPO_ROOT / "pyproject.toml").is_file():  # an installed wheel: REPO_ROOT is site-packages
         raise fail(f"alignray submit uploads a source checkout as the job's working dir; {REPO_ROOT} is not one")
-    env: dict[str, Any] = {"working_dir": str(REPO_ROOT), "excludes": list(EXCLUDES)}
-    extra = os.environ.get("ALIGNRAY_RUNTIME_ENV", "").strip()
-    if extra:
-        text = Path(extra).read_text() if Path(extra).is_file() else extra
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise fail(f"ALIGNRAY_RUNTIME_ENV is not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise fail("ALIGNRAY_RUNTIME_ENV must be a YAML mapping (a runtime_env) or a file holding one")
-        env["excludes"] += data.pop("excludes", [])
-        env["env_vars"] = {**env.get("env_vars", {}), **data.pop("env_vars", {})}
-        env.update(data)
+    data = dict(extra)
+    env: dict[str, Any] = {"working_dir": str(REPO_ROOT), "excludes": list(EXCLUDES) + data.pop("excludes", [])}
+    env["env_vars"] = data.pop("env_vars", {})
+    env.update(data)
     return env
 
 
@@ -224,23 +244,23 @@ def submission_id(preset: str) -> str:
 
 
 # --- commands -------------------------------------------------------------------------------
-def submit(config: str, overrides: list[str], address: str | None, follow: bool, resume: bool) -> str:
+def submit(config: str | None, overrides: list[str], how: SubmitSettings) -> str:
     """Validate the config here, submit `alignray train` as a Ray job, print its id."""
-    preset, overrides = _split_overrides(SimpleNamespace(config=config, overrides=list(overrides)))
+    preset, overrides = preset_and_overrides(config, overrides)
     cfg = load_config(preset, overrides)  # bad values fail here, before anything is uploaded
-    client = connect(address)
-    url = resolve_address(address)
-    args = train_args(preset or "demo", overrides, cfg, local=is_local(url))
+    client = connect(how.address)
+    url = resolve_address(how.address)
+    args = train_args(preset, overrides, cfg, local=is_local(url))
     job_id = client.submit_job(
-        entrypoint=entrypoint(args, resume),
-        submission_id=submission_id(preset or "demo"),
-        runtime_env=runtime_env(),
-        metadata={"alignray_preset": str(preset), "alignray_resume": str(resume)},
+        entrypoint=entrypoint(args, how.resume),
+        submission_id=submission_id(preset),
+        runtime_env=runtime_env(how.runtime_env),
+        metadata={"alignray_preset": str(preset), "alignray_resume": str(how.resume)},
         **entrypoint_resources(cfg),
     )
     print(job_id)
-    hint = f" --address {url}" if address else ""
-    if not follow:
+    hint = f" --address {url}" if how.address else ""
+    if not how.follow:
         print(f"follow with: alignray jobs logs {job_id}{hint}   (status: alignray jobs status {job_id}{hint})", file=sys.stderr)
         return job_id
     status = follow_logs(client, job_id)

@@ -32,8 +32,8 @@ from tqdm import tqdm
 from cluster.config import load_config
 from envs.data import load_prompts, write_preferences
 from envs.gold import gold_scores
-from envs.prompting import prompt_ids
-from policies.models import load_causal_lm
+from envs.models import load_causal_lm
+from envs.prompting import left_pad, prompt_ids
 
 DATA = Path(__file__).parent
 
@@ -55,9 +55,8 @@ def sample_pairs(model, tok, prompts: list[str], cfg, batch: int, bar: tqdm, cac
             continue
         torch.manual_seed(hash_seed(cache.name, i))
         ids = [prompt_ids(tok, p, cfg.env.instruction, cfg.env.chat_template, cfg.env.max_prompt_tokens) for p in chunk]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        input_ids, mask = left_pad(ids, tok.pad_token_id)
+        width = input_ids.shape[1]
         gen = model.generate(
             input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
             max_new_tokens=cfg.env.max_new_tokens, num_return_sequences=2, pad_token_id=tok.pad_token_id,

@@ -23,6 +23,11 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field
+
+from envs.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 PROMPT_COLUMNS = {"prompt": "text", "split": "split"}
 PREFERENCE_COLUMNS = {
@@ -32,6 +37,25 @@ PREFERENCE_COLUMNS = {
 REQUIRED_PROMPT = ("prompt",)
 REQUIRED_PREFERENCE = ("prompt", "chosen", "rejected")
 SPLITS = ("train", "test")
+
+
+class DataSettings(Settings):
+    """The ``data`` section: which prompt and preference files to use."""
+
+    prompts: str = "data/prompts.parquet"
+    """Prompt Parquet file (columns: prompt, split); relative paths are resolved against the repo root."""
+    preferences: str = "data/preferences.parquet"
+    """Preference Parquet file (columns: prompt, chosen, rejected[, split, chosen_score, rejected_score])."""
+    max_prompts: int = Field(0, ge=0)
+    """Use only the first N training prompts (0 = all)."""
+
+
+def resolve_path(path: str | Path) -> Path:
+    """An absolute path stays; a relative one is taken from the current directory, else from the repo root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
 
 
 class DataError(ValueError):

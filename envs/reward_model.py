@@ -13,22 +13,54 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from policies.models import ModelLoadError, load_encoder
+from envs.data import resolve_path
+from envs.models import ModelLoadError, load_encoder
+from envs.settings import Settings
 
 META_FILE = "alignray_reward.json"
 HEAD_FILE = "reward_head.safetensors"
 
 
+class RewardModelSettings(Settings):
+    """The ``reward_model`` section: the learned reward model, where it lives, and how `train-rm` trains it."""
+
+    backbone: str = "minilm"
+    """Encoder: 'minilm' (embedded all-MiniLM-L6-v2), 'tiny' (random, tests), a local HF directory or a hub id."""
+    path: str = "runs/reward_model"
+    """Where `train-rm` writes the trained reward model (HF directory) and `train` reads it."""
+    epochs: int = Field(3, ge=1)
+    """Passes over the training pairs."""
+    batch_size: int = Field(128, ge=1)
+    """Preference pairs per optimizer step (a prompt's comparisons stay together; each response is encoded once)."""
+    lr: float = Field(1e-4, gt=0)
+    """AdamW learning rate (peak; linear warm-up over the first 10% of steps, then linear decay)."""
+    max_length: int = Field(96, ge=8)
+    """Tokens per text fed to the encoder (prompt + response), truncated from the left."""
+    include_prompt: bool = False
+    """Score prompt + response instead of the response alone."""
+    pooling: Literal["mean", "sum"] = "mean"
+    """How token states become one vector: 'mean', or 'sum' (strong words are not diluted by length)."""
+    max_pairs: int = Field(0, ge=0)
+    """Train on only the first N pairs (0 = all)."""
+    score_batch_size: int = Field(64, ge=1)
+    """Texts per forward pass when scoring."""
+
+    def resolved(self) -> RewardModelSettings:
+        """A copy whose path is absolute (Ray workers run in other directories)."""
+        return self.model_copy(update={"path": str(resolve_path(self.path).resolve())})
+
+
 class RewardModel(nn.Module):
     """Encoder + pooling + linear head: ``forward(input_ids, attention_mask) -> (B,)`` scores."""
 
-    def __init__(self, encoder: nn.Module, tokenizer, max_length: int = 96, include_prompt: bool = False,
-                 pooling: str = "mean"):
+    def __init__(self, encoder: nn.Module, tokenizer, max_length: int, include_prompt: bool, pooling: str):
         super().__init__()
         self.encoder = encoder
         if getattr(encoder, "pooler", None) is not None:
@@ -46,11 +78,10 @@ class RewardModel(nn.Module):
         self.score_mean, self.score_std = 0.0, 1.0
 
     @classmethod
-    def from_backbone(cls, spec: str, max_length: int = 96, include_prompt: bool = False,
-                      pooling: str = "mean") -> "RewardModel":
-        """A fresh (untrained head) reward model on an encoder spec ('minilm', 'tiny', a directory)."""
-        encoder, tok = load_encoder(spec)
-        return cls(encoder, tok, max_length=max_length, include_prompt=include_prompt, pooling=pooling)
+    def untrained(cls, s: RewardModelSettings) -> RewardModel:
+        """A fresh reward model (random head) on the settings' encoder backbone."""
+        encoder, tok = load_encoder(s.backbone)
+        return cls(encoder, tok, max_length=s.max_length, include_prompt=s.include_prompt, pooling=s.pooling)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scores (B,) for token ids (B, T) with mask (B, T)."""
@@ -102,15 +133,19 @@ class RewardModel(nn.Module):
         (out / META_FILE).write_text(json.dumps(meta, indent=2))
         return out
 
-    @classmethod
-    def load(cls, path: str | Path) -> "RewardModel":
-        """Load a directory written by :meth:`save`; a clear error if it is not one."""
-        p = Path(path)
+    @staticmethod
+    def check_dir(path: str | Path) -> Path:
+        """The absolute path of a trained reward-model directory; a ModelLoadError saying what to do if it is not one."""
+        p = Path(path).expanduser().resolve()
         if not (p / META_FILE).exists() or not (p / HEAD_FILE).exists():
-            raise ModelLoadError(
-                f"reward model {str(p)!r}: not a trained reward model directory (no {META_FILE}); "
-                "run `alignray train-rm` first"
-            )
+            raise ModelLoadError(f"reward model {str(path)!r}: not a trained reward model directory "
+                                 f"(no {META_FILE}); run `alignray train-rm` first")
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> RewardModel:
+        """Load a directory written by :meth:`save`; a clear error if it is not one."""
+        p = cls.check_dir(path)
         meta = json.loads((p / META_FILE).read_text())
         encoder, tok = load_encoder(str(p))
         rm = cls(encoder, tok, max_length=meta["max_length"], include_prompt=meta["include_prompt"],

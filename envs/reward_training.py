@@ -1,8 +1,8 @@
 """Training the reward model on preference pairs with the Bradley-Terry loss.
 
-``train_reward_model(cfg)`` reads ``cfg.data.preferences``, trains ``RewardModel`` on the train
-split, evaluates on the test split, and writes the model directory and ``metrics.json`` to
-``cfg.reward_model.path``. Evaluation reports pairwise accuracy against the annotator's labels,
+``train_reward_model(settings, preferences)`` trains ``RewardModel`` on the train split of a
+preference file, evaluates on the test split, and writes the model directory and ``metrics.json``
+to ``settings.path``. Evaluation reports pairwise accuracy against the annotator's labels,
 agreement with the noise-free gold ordering (pairs whose gold scores differ), and the Spearman
 correlation of scores with gold scores over the held-out responses.
 """
@@ -19,11 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cluster.config import Config
 from envs.data import load_preferences
-from envs.reward_model import RewardModel
+from envs.reward_model import RewardModel, RewardModelSettings
 from envs.stats import pairwise_agreement, spearman
-
 
 NORM_SAMPLE = 2000
 """Distinct training responses whose scores give the reward model's normalisation mean and std."""
@@ -78,11 +76,10 @@ def evaluate_rm(rm: RewardModel, rows: list[dict], batch_size: int = 64) -> dict
     return out
 
 
-def _fit(rm: RewardModel, rows: list[dict], cfg: Config) -> list[float]:
+def _fit(rm: RewardModel, rows: list[dict], rc: RewardModelSettings, seed: int) -> list[float]:
     """Run the optimisation loop with a progress bar; returns the per-step losses."""
-    rc = cfg.reward_model
     opt = torch.optim.AdamW(rm.parameters(), lr=rc.lr, weight_decay=0.01, fused=True)
-    rng = random.Random(cfg.run.seed)
+    rng = random.Random(seed)
     epochs = [prompt_batches(rows, rc.batch_size, rng) for _ in range(rc.epochs)]
     steps = sum(map(len, epochs))
     warmup = max(1, steps // 10)
@@ -108,27 +105,22 @@ def _fit(rm: RewardModel, rows: list[dict], cfg: Config) -> list[float]:
     return losses
 
 
-def train_reward_model(cfg: Config) -> dict:
+def train_reward_model(rc: RewardModelSettings, pref_path: str | Path, seed: int = 0) -> dict:
     """Train, evaluate and save the reward model; returns the metrics (also written to metrics.json)."""
-    rc = cfg.reward_model
-    torch.manual_seed(cfg.run.seed)
-    if cfg.run.torch_threads:
-        torch.set_num_threads(cfg.run.torch_threads)
-    pref_path = cfg.resolve_path(cfg.data.preferences)
+    torch.manual_seed(seed)
     train_rows = load_preferences(pref_path, "train")
     if rc.max_pairs:
         train_rows = train_rows[: rc.max_pairs]
     all_rows = load_preferences(pref_path, None)
     test_rows = [r for r in all_rows if r.get("split") == "test"] or train_rows[-max(1, len(train_rows) // 10):]
-    rm = RewardModel.from_backbone(rc.backbone, max_length=rc.max_length, include_prompt=rc.include_prompt,
-                                   pooling=rc.pooling)
+    rm = RewardModel.untrained(rc)
     start = time.time()
     before = evaluate_rm(rm, test_rows, rc.score_batch_size)
-    losses = _fit(rm, train_rows, cfg)
+    losses = _fit(rm, train_rows, rc, seed)
     # Normalisation stats (so env rewards are on a unit scale) over distinct training responses drawn
     # from every prompt: rows are grouped by prompt, so the first rows would cover only a few prompts.
     distinct = sorted({(r[k], r["prompt"]) for r in train_rows for k in ("chosen", "rejected")})
-    sample = random.Random(cfg.run.seed).sample(distinct, min(NORM_SAMPLE, len(distinct)))
+    sample = random.Random(seed).sample(distinct, min(NORM_SAMPLE, len(distinct)))
     scores = np.array(rm.score([t for t, _ in sample], [p for _, p in sample], batch_size=rc.score_batch_size))
     rm.score_mean, rm.score_std = float(scores.mean()), float(scores.std() or 1.0)
     after = evaluate_rm(rm, test_rows, rc.score_batch_size)

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from envs.data import resolve_path
 from envs.gold import gold_scores
-from envs.reward_model import META_FILE, RewardModel
-from policies.models import ModelLoadError
+from envs.models import ModelLoadError
+from envs.reward_model import META_FILE, RewardModel, RewardModelSettings
 
 
 @dataclass
@@ -59,13 +59,14 @@ def compose(parts: dict[str, list[float]], weights: dict[str, float], reached_eo
     return [t + (0.0 if e else no_eos_penalty) for t, e in zip(total, reached_eos)]
 
 
-def load_reward_model(path: str, backbone: str) -> RewardModel:
-    """The trained RM at `path`; for backbone 'tiny' without one, an untrained tiny RM (tests need no training)."""
-    if path and (Path(path) / META_FILE).exists():
+def load_reward_model(s: RewardModelSettings) -> RewardModel:
+    """The trained RM at ``s.path``; for backbone 'tiny' without one, an untrained tiny RM (tests need no training)."""
+    path = resolve_path(s.path)
+    if (path / META_FILE).exists():
         return RewardModel.load(path)
-    if backbone == "tiny":
-        return RewardModel.from_backbone("tiny")
-    raise ModelLoadError(f"reward model {path!r}: not found; run `alignray train-rm` first")
+    if s.backbone == "tiny":
+        return RewardModel.untrained(s)
+    raise ModelLoadError(f"reward model {s.path!r}: not found; run `alignray train-rm` first")
 
 
 @dataclass

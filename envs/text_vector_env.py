@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space, concatenate, create_empty_array
@@ -24,11 +25,9 @@ class TextGenerationVectorEnv(VectorEnv):
 
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
 
-    def __init__(self, num_envs: int = 1, prompts: str | list[str] | None = None, **kwargs: Any):
-        if prompts is None:
-            raise ValueError("TextGenerationVectorEnv needs `prompts`")
+    def __init__(self, num_envs: int = 1, **kwargs: Any):
         kwargs.pop("render_mode", None)
-        self.res = build_resources(prompts, **kwargs)
+        self.res = build_resources(**kwargs)
         self.envs = [TextGenerationEnv(resources=self.res) for _ in range(num_envs)]
         self.num_envs = num_envs
         self.single_observation_space = self.envs[0].observation_space
@@ -73,8 +72,7 @@ class TextGenerationVectorEnv(VectorEnv):
             obs.append(o)
         if ended:
             done = [self.envs[i].finished() for i in ended]
-            batch = Finished([d[0] for d in done], [d[1] for d in done], [d[2] for d in done],
-                             [d[3] for d in done], self.res.max_new_tokens)
+            batch = Finished(*(list(col) for col in zip(*done)), self.res.settings.max_new_tokens)
             totals, parts = self.res.reward_fn(batch)
             for i, total, part in zip(ended, totals, parts):
                 rewards[i] = total
@@ -89,3 +87,12 @@ class TextGenerationVectorEnv(VectorEnv):
     def set_data_position(self, state: dict[str, int]) -> None:
         """Continue the prompt stream from a saved position."""
         self.res.stream.restore(state)
+
+
+def make_text_env(env_config: dict) -> gym.Env | gym.vector.VectorEnv:
+    """RLlib env creator: a vector env when RLlib passes ``num_envs``, else a single env."""
+    config = dict(env_config)
+    num_envs = config.pop("num_envs", None)
+    if num_envs is not None:
+        return TextGenerationVectorEnv(num_envs=num_envs, **config)
+    return TextGenerationEnv(**config)

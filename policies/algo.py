@@ -1,6 +1,7 @@
-"""The one adapter from alignray's typed :class:`~cluster.config.Config` to RLlib's ``PPOConfig``.
+"""The one adapter from alignray's settings to RLlib's ``PPOConfig``, and the ``rollout`` section it owns.
 
-Nothing else in the code base builds RLlib configuration. Sizes in RLlib are timesteps (one
+Nothing else in the code base builds RLlib configuration. It reads the sections of any
+:class:`TrainingSections` (the application config is one). Sizes in RLlib are timesteps (one
 generated token each): an iteration collects ``episodes_per_iteration * max_new_tokens``
 tokens and a minibatch holds ``minibatch_episodes * max_new_tokens``. Minibatches are not
 shuffled so an episode's rows stay adjacent and pack into one forward pass.
@@ -8,61 +9,89 @@ shuffled so an episode's rows stay adjacent and pack into one forward pass.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, Protocol
 
+from pydantic import Field, NonNegativeFloat
 from ray.rllib.algorithms.ppo import PPOConfig as RLlibPPOConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.tune.registry import register_env
 
-from cluster.config import Config
-from envs.text_env import make_text_env
+from envs.data import DataSettings, resolve_path
+from envs.models import ModelSettings
+from envs.reward_model import RewardModelSettings
+from envs.settings import Settings
+from envs.text_env import EnvSettings
+from envs.text_vector_env import make_text_env
 from policies.callbacks import DataPositions, ResponseMetrics
-from policies.learner import LMPPOLearner
-from policies.lm_module import LMModule
+from policies.learner import LMPPOLearner, PPOSettings
+from policies.lm_module import LMModule, ModuleSettings
 
 RLLIB_ENV = "alignray-text-generation"
 
 
-def env_config(cfg: Config) -> dict[str, Any]:
-    """Keyword arguments of :class:`envs.text_env.TextGenerationEnv` from the config."""
-    return {
-        "prompts": str(cfg.resolve_path(cfg.data.prompts)),
-        "policy": _model_spec(cfg),
-        "tiny_vocab_size": cfg.model.tiny_vocab_size,
-        "max_prompts": cfg.data.max_prompts,
-        "max_new_tokens": cfg.env.max_new_tokens,
-        "max_prompt_tokens": cfg.env.max_prompt_tokens,
-        "chat_template": cfg.env.chat_template,
-        "instruction": cfg.env.instruction,
-        "reward": dict(cfg.env.reward),
-        "reward_model": str(cfg.resolve_path(cfg.reward_model.path)),
-        "reward_model_backbone": cfg.reward_model.backbone,
-        "reward_normalization": cfg.env.reward_normalization,
-        "no_eos_penalty": cfg.env.no_eos_penalty,
-        "reward_batch_size": cfg.reward_model.score_batch_size,
-        "reward_model_placement": cfg.rollout.reward_model_placement,
-        "seed": cfg.run.seed,
-    }
+class RolloutSettings(Settings):
+    """The ``rollout`` section: how many EnvRunners and Learners, and where they run."""
+
+    num_env_runners: int = Field(0, ge=0)
+    """Remote EnvRunner actors (0 = sample in the driver process)."""
+    num_envs_per_env_runner: int = Field(8, ge=1)
+    """Vectorised sub-environments (sequences generated together) per EnvRunner."""
+    num_learners: int = Field(0, ge=0)
+    """Remote Learner actors (0 = learn in the driver; 2+ uses torch DDP)."""
+    num_gpus_per_learner: float = Field(0.0, ge=0)
+    """GPUs per Learner."""
+    num_gpus_per_env_runner: float = Field(0.0, ge=0)
+    """GPUs per EnvRunner."""
+    num_cpus_per_env_runner: float = Field(1.0, ge=0)
+    """CPUs per EnvRunner."""
+    custom_resources_per_env_runner: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    """Custom Ray resources each EnvRunner needs, to pin rollouts to a worker group."""
+    custom_resources_per_learner: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    """Custom Ray resources each remote Learner needs, to pin learners to a (GPU) worker group."""
+    reward_model_placement: Literal["local", "actor"] = "local"
+    """Score in each EnvRunner ('local') or in one shared batched Ray actor ('actor') that the driver starts and owns."""
+    reward_model_num_gpus: float = Field(0.0, ge=0)
+    """GPUs for the shared reward-model actor (reward_model_placement='actor' only; it asks for no CPU)."""
+    reward_model_resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    """Custom Ray resources the shared reward-model actor needs, to pin it to a node group ('actor' only)."""
+    restart_failed_env_runners: bool = True
+    """Restart an EnvRunner that died and carry on with the iteration."""
 
 
-def _model_spec(cfg: Config) -> str:
-    """The policy spec, with a relative directory made absolute (Ray workers run elsewhere)."""
-    spec = cfg.model.policy
-    path = cfg.resolve_path(spec)
+class TrainingSections(Protocol):
+    """The settings training reads (``cluster.config.Config`` has them all)."""
+
+    model: ModelSettings
+    data: DataSettings
+    reward_model: RewardModelSettings
+    env: EnvSettings
+    ppo: PPOSettings
+    rollout: RolloutSettings
+
+
+def absolute_spec(spec: str) -> str:
+    """A model spec with a relative directory made absolute (Ray workers run elsewhere)."""
+    path = resolve_path(spec)
     return str(path.resolve()) if path.exists() else spec
 
 
-def module_spec(cfg: Config) -> RLModuleSpec:
+def env_config(cfg: TrainingSections, seed: int) -> dict[str, Any]:
+    """Keyword arguments of :class:`envs.text_env.TextGenerationEnv` (RLlib copies them to every EnvRunner)."""
+    model = cfg.model.model_copy(update={"policy": absolute_spec(cfg.model.policy)})
+    data = cfg.data.model_copy(update={"prompts": str(resolve_path(cfg.data.prompts).resolve())})
+    return {"settings": cfg.env, "model": model, "data": data, "reward_model": cfg.reward_model.resolved(), "seed": seed,
+            "shared_reward_actor": cfg.rollout.reward_model_placement == "actor"}
+
+
+def module_spec(cfg: TrainingSections) -> RLModuleSpec:
     """The RLModule spec of the LM policy."""
-    return RLModuleSpec(module_class=LMModule, model_config={
-        "policy": _model_spec(cfg), "dtype": cfg.model.dtype, "reference_dtype": cfg.ppo.reference_dtype,
-        "tiny_vocab_size": cfg.model.tiny_vocab_size,
-        "temperature": cfg.ppo.temperature, "top_k": cfg.ppo.top_k, "top_p": cfg.ppo.top_p,
-    })
+    settings = ModuleSettings(model=cfg.model.model_copy(update={"policy": absolute_spec(cfg.model.policy)}),
+                              temperature=cfg.ppo.temperature, reference_dtype=cfg.ppo.reference_dtype)
+    return RLModuleSpec(module_class=LMModule, model_config={"settings": settings.model_dump()})
 
 
-def build_ppo_config(cfg: Config) -> RLlibPPOConfig:
-    """Map our config onto RLlib's PPOConfig (env, module, learner, scaling, fault tolerance, seed)."""
+def build_ppo_config(cfg: TrainingSections, seed: int) -> RLlibPPOConfig:
+    """Map the settings onto RLlib's PPOConfig (env, module, learner, scaling, fault tolerance, seed)."""
     p, r, e = cfg.ppo, cfg.rollout, cfg.env
     register_env(RLLIB_ENV, make_text_env)  # RLlib then uses make_text_env as the vector entry point
     tokens = p.episodes_per_iteration * e.max_new_tokens
@@ -71,7 +100,7 @@ def build_ppo_config(cfg: Config) -> RLlibPPOConfig:
     return (
         RLlibPPOConfig()
         .framework("torch")
-        .environment(env=RLLIB_ENV, env_config=env_config(cfg), disable_env_checking=True)
+        .environment(env=RLLIB_ENV, env_config=env_config(cfg, seed), disable_env_checking=True)
         .env_runners(
             num_env_runners=r.num_env_runners,
             num_envs_per_env_runner=r.num_envs_per_env_runner,
@@ -85,8 +114,7 @@ def build_ppo_config(cfg: Config) -> RLlibPPOConfig:
         .learners(
             num_learners=r.num_learners, num_gpus_per_learner=r.num_gpus_per_learner, learner_class=LMPPOLearner,
             custom_resources_per_learner=dict(r.custom_resources_per_learner),
-            learner_config_dict={"kl_coef": p.kl_coef, "kl_target": p.kl_target, "kl_horizon": p.kl_horizon,
-                                 "whiten_advantages": p.whiten_advantages, "vf_lr": p.vf_lr},
+            learner_config_dict={"ppo": p.model_dump()},
         )
         .rl_module(rl_module_spec=module_spec(cfg))
         .training(
@@ -99,5 +127,5 @@ def build_ppo_config(cfg: Config) -> RLlibPPOConfig:
         )
         .callbacks([ResponseMetrics, DataPositions])
         .fault_tolerance(restart_failed_env_runners=r.restart_failed_env_runners)
-        .debugging(seed=cfg.run.seed)
+        .debugging(seed=seed)
     )

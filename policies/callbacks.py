@@ -15,10 +15,10 @@ from __future__ import annotations
 from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.utils.annotations import override
 
-RESPONSE_METRICS = ("count", "rm_score", "gold", "length", "eos", "reward")
+from envs.text_env import ResponseInfo
 
 
-def response_values(info: dict) -> dict[str, float] | None:
+def response_values(info: ResponseInfo | dict) -> dict[str, float] | None:
     """The metric values of one finished response from its last-step `info` (None if it did not end)."""
     if not info.get("response_done"):
         return None

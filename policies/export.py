@@ -1,7 +1,7 @@
-"""From an RLlib checkpoint (or the live learner) to a plain Hugging Face model directory.
+"""From an RLlib checkpoint (or the live learner) to a plain Hugging Face model directory, and back to a model spec.
 
 The learner's module state holds the policy under ``lm.*`` (and the value head, which is not
-exported); the module's ``model_config`` names the base model spec to rebuild it from.
+exported); the module's settings name the base model spec to rebuild it from.
 """
 
 from __future__ import annotations
@@ -12,15 +12,17 @@ from typing import Any
 
 import torch
 
-from policies.models import ModelLoadError, export_pretrained, load_causal_lm
+from envs.models import ModelLoadError, export_pretrained, load_causal_lm
+from policies.lm_module import ModuleSettings
 
 MODULE_PATH = Path("learner_group") / "learner" / "rl_module" / "default_policy"
+BUILTIN_SPECS = ("smollm2", "tiny")
 
 
-def policy_from_state(state: dict[str, Any], model_config: dict[str, Any]):
+def policy_from_state(state: dict[str, Any], settings: ModuleSettings):
     """(HF causal LM, tokenizer) with the policy weights of an LMModule state dict."""
-    model, tok = load_causal_lm(model_config["policy"], model_config.get("dtype", "float32"),
-                                model_config.get("tiny_vocab_size", 512))
+    m = settings.model
+    model, tok = load_causal_lm(m.policy, m.dtype, m.tiny_vocab_size)
     weights = {k[len("lm."):]: torch.as_tensor(v) for k, v in state.items() if k.startswith("lm.")}
     model.load_state_dict(weights, strict=True)
     return model.eval(), tok
@@ -43,10 +45,33 @@ def policy_from_checkpoint(path: str | Path):
     mdir = find_module_dir(path)
     ctor = pickle.loads((mdir / "class_and_ctor_args.pkl").read_bytes())["ctor_args_and_kwargs"][1]
     state = pickle.loads((mdir / "module_state.pkl").read_bytes())
-    return policy_from_state(state, ctor["model_config"])
+    return policy_from_state(state, ModuleSettings.model_validate(ctor["model_config"]["settings"]))
 
 
 def checkpoint_to_hf(path: str | Path, out_dir: str | Path) -> Path:
     """Export the policy of a checkpoint (or run directory) as an ``AutoModelForCausalLM`` directory."""
     model, tok = policy_from_checkpoint(path)
     return export_pretrained(model, tok, out_dir)
+
+
+def resolve_policy(model: str) -> tuple[str, str]:
+    """(spec that ``load_causal_lm`` takes, a name for it) of whatever names a policy.
+
+    'smollm2' / 'tiny', a Hugging Face directory, a run directory (its exported ``policy/``, else
+    its latest checkpoint), an RLlib checkpoint (exported once to ``<checkpoint>/hf_policy``), or a hub id.
+    """
+    if model in BUILTIN_SPECS:
+        return model, model
+    path = Path(model).expanduser()
+    if (path / "config.json").exists():
+        p = path.resolve()
+        return str(p), p.parent.name if p.name == "policy" else p.name
+    if (path / "policy" / "config.json").exists():
+        return str((path / "policy").resolve()), path.resolve().name
+    if path.is_dir():
+        find_module_dir(path)  # a clear error if it is not a run or checkpoint either
+        return str(checkpoint_to_hf(path, path / "hf_policy").resolve()), path.resolve().name
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"model {model!r}: not a Hugging Face model directory (config.json), a run "
+                             "directory with an exported policy/, or an RLlib checkpoint")
+    return model, model  # a hub id (needs a network)

@@ -18,13 +18,12 @@
   and puts the LM head only on the generated-token rows; the entropy (a metric unless the
   entropy bonus is on) is computed without a graph when ``entropy_grad`` is False.
 
-``model_config`` keys: ``policy`` (model spec), ``dtype``, ``reference_dtype``,
-``tiny_vocab_size``, ``temperature``, ``top_k``, ``top_p``.
+The module's ``model_config`` is ``{"settings": ModuleSettings(...).model_dump()}``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from ray.rllib.core.columns import Columns
@@ -33,15 +32,27 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
 from torch import nn
 
+from envs.models import ModelSettings, load_causal_lm
+from envs.settings import Settings
 from policies.kv_cache import PrefixKVCache
-from policies.models import load_causal_lm
 from policies.packing import pack_rows, packed_hidden
 from policies.ppo_math import entropy_from_logp
-from policies.sampling import greedy_tokens, sample_tokens, scaled_logp
+from policies.sampling import sample_tokens, scaled_logp
 
 LOGP = "logp"
 ENTROPY = "entropy"
 REF_HIDDEN = "ref_hidden"  # (N, H) float32 final hidden state of the reference model at each row
+
+
+class ModuleSettings(Settings):
+    """What the RLModule needs (built by the RLlib adapter from the ``model`` and ``ppo`` sections)."""
+
+    model: ModelSettings
+    """The policy model."""
+    temperature: float
+    """Sampling temperature of rollouts (the learner's log-probs use the same one)."""
+    reference_dtype: Literal["float32", "bfloat16"]
+    """Weights of the frozen reference model on the Learner."""
 
 
 class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
@@ -50,10 +61,10 @@ class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
     @override(TorchRLModule)
     def setup(self) -> None:
         super().setup()
-        mc = self.model_config or {}
-        self.spec = (mc.get("policy", "tiny"), mc.get("dtype", "float32"), mc.get("tiny_vocab_size", 512))
-        self.temperature = float(mc.get("temperature", 1.0))
-        self.top_k, self.top_p = int(mc.get("top_k", 0)), float(mc.get("top_p", 1.0))
+        self.settings = ModuleSettings.model_validate(self.model_config["settings"])
+        m = self.settings.model
+        self.spec = (m.policy, m.dtype, m.tiny_vocab_size)
+        self.temperature = self.settings.temperature
         self.lm, _ = load_causal_lm(*self.spec)
         self._kv = PrefixKVCache()
         self.entropy_grad = True  # the learner turns this off when the entropy bonus is 0
@@ -65,7 +76,7 @@ class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             nn.init.zeros_(self.vf_head.weight)
             nn.init.zeros_(self.vf_head.bias)
             ref, _ = load_causal_lm(*self.spec)
-            ref = ref.to(getattr(torch, mc.get("reference_dtype", "float32")))
+            ref = ref.to(getattr(torch, self.settings.reference_dtype))
             ref.requires_grad_(False)
             object.__setattr__(self, "_ref_lm", ref.eval())  # not a submodule: no state, no optimizer
 
@@ -83,13 +94,13 @@ class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
     @override(TorchRLModule)
     def _forward_exploration(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         with torch.no_grad():
-            actions, logp = sample_tokens(self.next_token_logits(batch), self.temperature, self.top_k, self.top_p)
+            actions, logp = sample_tokens(self.next_token_logits(batch), self.temperature)
         return {Columns.ACTIONS: actions, Columns.ACTION_LOGP: logp}
 
     @override(TorchRLModule)
     def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         with torch.no_grad():
-            return {Columns.ACTIONS: greedy_tokens(self.next_token_logits(batch))}
+            return {Columns.ACTIONS: self.next_token_logits(batch).argmax(-1)}
 
     @override(TorchRLModule)
     def set_state(self, state) -> None:

@@ -19,18 +19,80 @@ from dataclasses import dataclass, replace
 import torch
 from fastapi import Response
 from fastapi.responses import StreamingResponse
+from pydantic import Field, model_validator
 from ray import serve
 
+from envs.models import ModelSettings
+from envs.settings import Settings
 from serve.engine import Delta, GenerationEngine, GenerationJob
 from serve.http import make_app
 from serve.protocol import (
-    APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse, HealthResponse,
-    BatchStats, ModelCard, ModelList, RewardRequest, RewardResponse, Usage, new_id,
+    APIError,
+    AssistantMessage,
+    BatchStats,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    HealthResponse,
+    ModelCard,
+    ModelList,
+    RewardRequest,
+    RewardResponse,
+    Usage,
+    error_responses,
+    new_id,
 )
 
 app = make_app()
 BATCH_HEADER = "x-alignray-batch-size"
+
+
+class ServeSettings(Settings):
+    """The ``serve`` section: the HTTP endpoint, its limits, batching and replicas."""
+
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds; loopback unless you mean to expose it."""
+    port: int = Field(8000, ge=0, le=65535)
+    """HTTP port."""
+    api_key: str = ""
+    """Bearer token required on every request when set (or env ALIGNRAY_API_KEY)."""
+    max_tokens_limit: int = Field(256, ge=1)
+    """Largest max_tokens a request may ask for."""
+    max_request_bytes: int = Field(1_000_000, ge=1024)
+    """Largest request body accepted."""
+    max_batch_size: int = Field(16, ge=1)
+    """Requests gathered into one batched generation (1 = batching off)."""
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    """How long a batch waits to fill."""
+    min_replicas: int = Field(1, ge=0)
+    """Autoscaling lower bound."""
+    max_replicas: int = Field(1, ge=1)
+    """Autoscaling upper bound."""
+    target_ongoing_requests: int = Field(16, ge=1)
+    """Autoscaling target of in-flight requests per replica."""
+    num_cpus_per_replica: float = Field(1.0, ge=0)
+    """CPUs per model replica."""
+    num_gpus_per_replica: float = Field(0.0, ge=0)
+    """GPUs per model replica."""
+    max_ongoing_requests: int = Field(64, ge=1)
+    """Requests one replica accepts at once (queued ones included); must be >= max_batch_size for batches to fill."""
+    model_name: str = ""
+    """Model id clients pass as `model` (empty = the directory name, or 'smollm2')."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}), or batches can never fill")
+        return self
 
 
 @dataclass
@@ -80,22 +142,21 @@ def _sse(payload: str) -> str:
 class PolicyServer:
     """Serves one causal LM (and, through a handle, the reward model) over OpenAI-compatible HTTP."""
 
-    def __init__(self, model_spec: str, model_name: str, settings: dict, reward=None):
-        if settings.get("torch_threads"):
-            torch.set_num_threads(settings["torch_threads"])
-        self.engine = GenerationEngine.from_spec(
-            model_spec, max_tokens_limit=settings["max_tokens_limit"], dtype=settings.get("dtype", "float32"),
-            tiny_vocab_size=settings.get("tiny_vocab_size", 512))
+    def __init__(self, model: ModelSettings, model_name: str, settings: ServeSettings, api_key: str = "",
+                 reward=None, reward_name: str | None = None, torch_threads: int = 0):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.engine = GenerationEngine.from_spec(model, max_tokens_limit=settings.max_tokens_limit)
         self.model_name = model_name
-        self.max_batch_size = settings["max_batch_size"]
-        self.reward, self.reward_name = reward, settings.get("reward_name", "reward-model")
+        self.max_batch_size = settings.max_batch_size
+        self.reward, self.reward_name = reward, reward_name
         self.stats = BatchStats()
-        app.state.api_key = settings.get("api_key", "")
-        app.state.max_request_bytes = settings["max_request_bytes"]
+        app.state.api_key = api_key
+        app.state.max_request_bytes = settings.max_request_bytes
         self._idle = asyncio.Event()  # set while no batched generation runs
         self._idle.set()
         self._run_batch.set_max_batch_size(self.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
+        self._run_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
     async def check_health(self) -> None:
         """Serve's replica health check: a broken model (non-finite logits) fails it."""
@@ -161,7 +222,7 @@ class PolicyServer:
             jobs += [replace(job, seed=None if body.seed is None else body.seed + j) for j in range(body.n or 1)]
         return jobs
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=error_responses(503))
     async def healthz(self) -> HealthResponse:
         try:
             await self.check_health()
@@ -170,16 +231,16 @@ class PolicyServer:
         return HealthResponse(model=self.model_name, max_batch_size=self.max_batch_size, batching=self.stats,
                               rewards=self.reward is not None)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(401))
     async def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name)])
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=error_responses(401, 404))
     async def model(self, model_id: str) -> ModelCard:
         self._check_model(model_id)
         return ModelCard(id=self.model_name)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=error_responses(400, 401, 404, 413))
     async def completions(self, body: CompletionRequest, response: Response):
         self._check_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -214,7 +275,7 @@ class PolicyServer:
                                           usage=_usage(prompt_tokens, choices)).model_dump_json())
         yield _sse("[DONE]")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=error_responses(400, 401, 404, 413))
     async def chat_completions(self, body: ChatCompletionRequest, response: Response):
         self._check_model(body.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -254,7 +315,7 @@ class PolicyServer:
             yield chunk([], _usage(prompt_tokens, choices))
         yield _sse("[DONE]")
 
-    @app.post("/v1/rewards")
+    @app.post("/v1/rewards", responses=error_responses(400, 401, 404, 413))
     async def rewards(self, body: RewardRequest) -> RewardResponse:
         if self.reward is None:
             raise APIError(404, "No reward model is served here; start the server with --reward-model DIR.",
@@ -262,5 +323,5 @@ class PolicyServer:
         if body.model is not None and body.model != self.reward_name:
             raise APIError(404, f"The reward model '{body.model}' does not exist; this server serves "
                                 f"'{self.reward_name}'.", param="model", code="model_not_found")
-        scores = await self.reward.score.remote((body.texts, body.prompts, body.normalize))
+        scores = await self.reward.score.remote(body.texts, body.prompts, body.normalize)
         return RewardResponse(model=self.reward_name, scores=scores)

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from policies.models import load_causal_lm
-from policies.sampling import inverse_cdf
+from envs.models import ModelSettings, load_causal_lm
+from envs.prompting import chat_ids, left_pad
+from policies.sampling import sample_tokens
 
 
 class InputError(ValueError):
@@ -83,26 +84,17 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 
 def sample_next(logits: torch.Tensor, jobs: list[GenerationJob], generators: list[torch.Generator]) -> torch.Tensor:
-    """Pick one token per row of ``logits`` (B, V) with each job's temperature and top-p -> (B,)."""
-    logits = logits.float()
-    temps = torch.tensor([max(j.temperature, 1e-6) for j in jobs]).unsqueeze(1)  # (B, 1)
-    probs = torch.softmax(logits / temps, dim=-1)  # (B, V)
-    top_p = torch.tensor([j.top_p for j in jobs]).unsqueeze(1)  # (B, 1)
-    if (top_p < 1.0).any():
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Drop a token when the tokens ranked above it already cover top_p.
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # (B, V)
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    u = torch.stack([torch.rand((), generator=g) for g in generators])  # (B,) each request's own stream
-    greedy = torch.tensor([j.temperature == 0.0 for j in jobs])
-    return torch.where(greedy, logits.argmax(-1), inverse_cdf(probs, u))
+    """One token per row of ``logits`` (B, V) with each job's temperature, top-p and random stream -> (B,)."""
+    temperature = torch.tensor([[j.temperature] for j in jobs])  # (B, 1)
+    top_p = torch.tensor([[j.top_p] for j in jobs])  # (B, 1)
+    u = torch.stack([torch.rand((), generator=g) for g in generators])  # (B,)
+    return sample_tokens(logits, temperature, top_p=top_p, u=u)[0]
 
 
 class GenerationEngine:
     """A causal LM and its tokenizer, with prompt checks and batched, streamable generation."""
 
-    def __init__(self, model, tokenizer, max_tokens_limit: int = 256):
+    def __init__(self, model, tokenizer, max_tokens_limit: int):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_tokens_limit = max_tokens_limit
@@ -113,11 +105,10 @@ class GenerationEngine:
         self.eos_ids = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
     @classmethod
-    def from_spec(cls, spec: str, max_tokens_limit: int = 256, dtype: str = "float32",
-                  tiny_vocab_size: int = 512) -> "GenerationEngine":
-        """Load a model spec ('smollm2', 'tiny', an HF directory) with :func:`load_causal_lm`."""
-        model, tok = load_causal_lm(spec, dtype=dtype, tiny_vocab_size=tiny_vocab_size)
-        return cls(model, tok, max_tokens_limit=max_tokens_limit)
+    def from_spec(cls, model: ModelSettings, max_tokens_limit: int) -> GenerationEngine:
+        """Load the model the settings name ('smollm2', 'tiny', an HF directory) with :func:`load_causal_lm`."""
+        lm, tok = load_causal_lm(model.policy, model.dtype, model.tiny_vocab_size)
+        return cls(lm, tok, max_tokens_limit=max_tokens_limit)
 
     # ---- prompts and checks -------------------------------------------------------------------
 
@@ -126,12 +117,8 @@ class GenerationEngine:
         return list(self.tokenizer(text)["input_ids"])
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation in the tokenizer's chat template, ready for the assistant turn."""
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:  # a base model without a template: a plain transcript
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Token ids of a conversation, ready for the assistant turn (see :func:`envs.prompting.chat_text`)."""
+        return chat_ids(self.tokenizer, messages)
 
     def make_job(self, prompt_ids: list[int], max_tokens: int | None, temperature: float | None = None,
                  top_p: float | None = None, stop: list[str] | None = None, seed: int | None = None,
@@ -164,12 +151,7 @@ class GenerationEngine:
 
     def _prefill(self, jobs: list[GenerationJob]) -> tuple[torch.Tensor, torch.Tensor, object, torch.Tensor]:
         """Left-pad the prompts and run them once: (last logits (B, V), mask (B, T), cache, positions (B, 1))."""
-        width = max(len(j.prompt_ids) for j in jobs)
-        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)  # (B, T)
-        for i, job in enumerate(jobs):
-            ids[i, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
-            mask[i, width - len(job.prompt_ids):] = 1
+        ids, mask = left_pad([j.prompt_ids for j in jobs], self.pad_id)  # (B, T)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1)

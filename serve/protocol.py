@@ -279,3 +279,17 @@ class APIError(Exception):
     def body(self) -> dict:
         return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type,
                                                param=self.param, code=self.code)).model_dump()
+
+
+ERROR_STATUSES = {
+    400: "Invalid request: malformed JSON, an unknown or out-of-range parameter, a prompt too long for the model.",
+    401: "Missing or wrong API key (Authorization: Bearer <key>).",
+    404: "Unknown model, or no reward model served here.",
+    413: "Request body over serve.max_request_bytes.",
+    503: "The model failed its health check.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int, dict]:
+    """OpenAPI ``responses`` for a route: each status with its meaning and OpenAI's error body."""
+    return {s: {"model": ErrorResponse, "description": ERROR_STATUSES[s]} for s in statuses}

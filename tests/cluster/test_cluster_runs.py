@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from cluster import jobs
-from cluster.local_cluster import LocalCluster
-from policies.run_log import read_metrics
+from cluster.run_log import read_metrics
+from tests.fixtures.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.cluster
 ROLLOUT = "rollout"
@@ -45,8 +45,8 @@ def client(cluster):
 
 
 def submit(cluster, out: Path, overrides: list[str], follow: bool = False, resume: bool = False) -> str:
-    return jobs.submit("tiny", [f"run.output_dir={out}", *overrides], address=cluster.dashboard_url,
-                       follow=follow, resume=resume)
+    how = jobs.SubmitSettings(address=cluster.dashboard_url, follow=follow, resume=resume)
+    return jobs.submit("tiny", [f"run.output_dir={out}", *overrides], how)
 
 
 def wait_for(predicate, timeout: float, what: str, client=None, job_id: str | None = None):

@@ -3,7 +3,7 @@
 import pytest
 
 from cluster.cli import main
-from cluster.config import Config, ConfigError, describe, dump_config, load_config, parse_overrides
+from cluster.config import Config, ConfigError, dump_config, field_docs, load_config, parse_overrides
 
 
 def test_defaults_and_demo_preset_load():
@@ -77,7 +77,7 @@ def test_bad_yaml_file(tmp_path):
 
 
 def test_every_field_has_a_docstring():
-    rows = describe()
+    rows = field_docs()
     assert len(rows) > 40
     missing = [name for name, _, doc in rows if not doc.strip()]
     assert missing == []
@@ -89,3 +89,32 @@ def test_cli_config_show(capsys):
     assert "lr: 2.0e-06" in out and "policy: smollm2" in out
     assert main(["config", "show", "demo", "ppo.lr=-2"]) == 2
     assert "ppo.lr" in capsys.readouterr().err
+
+
+def test_an_override_of_every_mapping_field_replaces_the_presets_value(tmp_path):
+    import typing
+
+    from envs.settings import Settings
+
+    def mapping_fields(cls, prefix=""):
+        for name, info in cls.model_fields.items():
+            if isinstance(info.annotation, type) and issubclass(info.annotation, Settings):
+                yield from mapping_fields(info.annotation, f"{prefix}{name}.")
+            elif typing.get_origin(info.annotation) is dict:
+                yield f"{prefix}{name}"
+
+    fields = list(mapping_fields(Config))
+    assert {"env.reward", "rollout.custom_resources_per_env_runner", "rollout.custom_resources_per_learner",
+            "rollout.reward_model_resources"} <= set(fields)
+    preset = tmp_path / "p.yaml"
+    sections: dict = {}
+    for dotted in fields:
+        section, name = dotted.split(".")
+        sections.setdefault(section, {})[name] = {"gold": 1.0, "old_key": 2.0}
+    import yaml
+
+    preset.write_text(yaml.safe_dump(sections))
+    cfg = load_config(preset, [f"{dotted}={{gold: 3}}" for dotted in fields])
+    for dotted in fields:
+        section, name = dotted.split(".")
+        assert getattr(getattr(cfg, section), name) == {"gold": 3.0}, dotted

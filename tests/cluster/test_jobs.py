@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from cluster import jobs
 from cluster.config import REPO_ROOT, load_config
-from cluster.local_cluster import free_port
+from tests.fixtures.local_cluster import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +69,7 @@ def test_submit_rejects_a_bad_config_before_connecting(capsys):
     from cluster.config import ConfigError
 
     with pytest.raises(ConfigError, match="ppo.lr"):
-        jobs.submit("tiny", ["ppo.lr=-1"], address=f"http://127.0.0.1:{free_port()}", follow=False, resume=False)
+        jobs.submit("tiny", ["ppo.lr=-1"], jobs.SubmitSettings(address=f"http://127.0.0.1:{free_port()}"))
 
 
 def test_train_args_pin_run_paths_on_a_local_cluster():
@@ -118,19 +116,19 @@ def test_entrypoint_and_resources():
 
 
 def test_runtime_env_default_and_extra(monkeypatch, tmp_path):
-    env = jobs.runtime_env()
+    env = jobs.runtime_env(jobs.runtime_env_from_environ())
     assert env["working_dir"] == str(REPO_ROOT)
     assert {".venv", "runs", ".git"} <= set(env["excludes"])
     monkeypatch.setenv("ALIGNRAY_RUNTIME_ENV", "{pip: [rich], env_vars: {A: '1'}, excludes: [big/]}")
-    env = jobs.runtime_env()
+    env = jobs.runtime_env(jobs.runtime_env_from_environ())
     assert env["pip"] == ["rich"] and env["env_vars"] == {"A": "1"} and "big/" in env["excludes"]
     f = tmp_path / "re.yaml"
     f.write_text("env_vars: {B: '2'}\n")
     monkeypatch.setenv("ALIGNRAY_RUNTIME_ENV", str(f))
-    assert jobs.runtime_env()["env_vars"] == {"B": "2"}
+    assert jobs.runtime_env(jobs.runtime_env_from_environ())["env_vars"] == {"B": "2"}
     monkeypatch.setenv("ALIGNRAY_RUNTIME_ENV", "[not, a, mapping]")
     with pytest.raises(SystemExit):
-        jobs.runtime_env()
+        jobs.runtime_env(jobs.runtime_env_from_environ())
 
 
 def _run_launcher(parent_args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

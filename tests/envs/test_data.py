@@ -4,8 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.config import REPO_ROOT
-from envs.data import DataError, load_preferences, load_prompts, write_preferences, write_prompts
+from envs.data import REPO_ROOT, DataError, load_preferences, load_prompts, write_preferences, write_prompts
 from envs.gold import gold_score
 
 ROW = {"prompt": "The film", "chosen": "was wonderful", "rejected": "was awful", "split": "train",

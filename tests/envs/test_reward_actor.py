@@ -4,12 +4,16 @@ import asyncio
 
 import pytest
 
+from envs.models import ModelSettings
 from envs.reward_actor import RemoteRewardModel, RewardModelServer
+from envs.reward_model import RewardModelSettings
 from envs.text_env import build_resources
+
+TINY = RewardModelSettings(backbone="tiny", path="no/such/dir")  # no trained model there: an untrained tiny RM
 
 
 def test_concurrent_calls_are_scored_in_one_batch():
-    server = RewardModelServer("", "tiny", wait_s=0.01)  # backbone 'tiny' without a directory: untrained tiny RM
+    server = RewardModelServer(TINY, wait_s=0.01)
     a, b = ["great fun", "awful"], ["a wonderful story"]
 
     async def two_runners():
@@ -21,7 +25,7 @@ def test_concurrent_calls_are_scored_in_one_batch():
 
 
 def test_requests_with_different_options_are_not_mixed():
-    server = RewardModelServer("", "tiny", wait_s=0.01)
+    server = RewardModelServer(TINY, wait_s=0.01)
 
     async def two_kinds():
         return await asyncio.gather(server.score(["great"], normalize=False),
@@ -37,4 +41,5 @@ def test_env_without_the_actor_fails_clearly():
     with pytest.raises(RuntimeError, match="no reward-model actor 'alignray-reward-model' is running"):
         RemoteRewardModel()
     with pytest.raises(RuntimeError, match="reward_model_placement='actor'"):
-        build_resources(["a prompt"], reward={"reward_model": 1.0}, reward_model_placement="actor")
+        build_resources({"reward": {"reward_model": 1.0}}, model=ModelSettings(policy="tiny"), prompts=["a prompt"],
+                        shared_reward_actor=True)

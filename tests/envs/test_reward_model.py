@@ -5,11 +5,13 @@ import math
 import pytest
 import torch
 
-from cluster.config import load_config
+from envs import tiny
 from envs.data import write_preferences
-from envs.reward_model import RewardModel
+from envs.models import ModelLoadError
+from envs.reward_model import RewardModel, RewardModelSettings
 from envs.reward_training import bradley_terry_loss, train_reward_model
-from policies.models import ModelLoadError
+
+TINY = RewardModelSettings(backbone="tiny", max_length=32)
 
 
 def test_bradley_terry_loss_by_hand():
@@ -28,11 +30,10 @@ def _pairs(n, split):
 
 def test_training_lowers_loss_and_changes_every_parameter(tmp_path):
     data = write_preferences(tmp_path / "p.parquet", _pairs(64, "train") + _pairs(16, "test"))
-    cfg = load_config(None, [f"data.preferences={data}", "reward_model.backbone=tiny", f"reward_model.path={tmp_path / 'rm'}",
-                             "reward_model.epochs=6", "reward_model.batch_size=8", "reward_model.lr=1e-3"])
+    settings = TINY.model_copy(update={"path": str(tmp_path / "rm"), "epochs": 6, "batch_size": 8, "lr": 1e-3})
     torch.manual_seed(0)
-    before = {k: v.detach().clone() for k, v in RewardModel.from_backbone("tiny").named_parameters()}
-    metrics = train_reward_model(cfg)
+    before = {k: v.detach().clone() for k, v in RewardModel.untrained(TINY).named_parameters()}
+    metrics = train_reward_model(settings, data)
     losses = metrics["losses"]
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2
@@ -47,7 +48,7 @@ def test_training_lowers_loss_and_changes_every_parameter(tmp_path):
 
 
 def test_score_batches_match_single_calls():
-    rm = RewardModel.from_backbone("tiny")
+    rm = RewardModel.untrained(TINY)
     texts = ["great fun", "awful", "the film was really boring", "", "loved it"]
     batched = rm.score(texts, batch_size=2)
     single = [rm.score([t])[0] for t in texts]
@@ -60,7 +61,7 @@ def test_load_rejects_non_reward_model(tmp_path):
 
 
 def test_sum_pooling_is_saved_and_not_diluted_by_length(tmp_path):
-    rm = RewardModel.from_backbone("tiny", pooling="sum")
+    rm = RewardModel.untrained(TINY.model_copy(update={"pooling": "sum"}))
     enc = rm.encode(["great", "great great great"])
     with torch.no_grad():
         hidden = rm.encoder(**enc).last_hidden_state  # (2, T, H)
@@ -69,7 +70,7 @@ def test_sum_pooling_is_saved_and_not_diluted_by_length(tmp_path):
     rm.save(tmp_path / "rm")
     assert RewardModel.load(tmp_path / "rm").pooling == "sum"
     with pytest.raises(ValueError, match="pooling"):
-        RewardModel.from_backbone("tiny", pooling="max")
+        RewardModel(*tiny.encoder(), max_length=32, include_prompt=False, pooling="max")
 
 
 def test_prompt_batches_keep_groups_together_and_cover_every_pair():
@@ -86,7 +87,7 @@ def test_prompt_batches_keep_groups_together_and_cover_every_pair():
 
 def test_pair_scores_encode_each_distinct_text_once():
     from envs.reward_training import _pair_scores
-    rm = RewardModel.from_backbone("tiny").eval()
+    rm = RewardModel.untrained(TINY).eval()
     rows = [{"prompt": "p", "chosen": "great", "rejected": "awful"},
             {"prompt": "p", "chosen": "great", "rejected": "boring"},
             {"prompt": "p", "chosen": "boring", "rejected": "awful"}]
@@ -110,9 +111,7 @@ def test_normalisation_stats_cover_the_distinct_responses_of_every_prompt(tmp_pa
     b = [{"prompt": "B", "chosen": f"a wonderful film number {i}", "rejected": f"a boring film number {i}"} for i in range(4)]
     rows = [{**r, "split": "train", "chosen_score": 0.6, "rejected_score": -0.6} for r in a + b]
     data = write_preferences(tmp_path / "p.parquet", rows + [{**rows[-1], "split": "test"}])
-    cfg = load_config(None, [f"data.preferences={data}", "reward_model.backbone=tiny", f"reward_model.path={tmp_path / 'rm'}",
-                             "reward_model.epochs=1", "reward_model.batch_size=128"])
-    train_reward_model(cfg)
+    train_reward_model(TINY.model_copy(update={"path": str(tmp_path / "rm"), "epochs": 1, "batch_size": 128}), data)
     rm = RewardModel.load(tmp_path / "rm")
     distinct = sorted({r[k] for r in rows for k in ("chosen", "rejected")})  # 10 texts, fewer than NORM_SAMPLE
     scores = np.array(rm.score(distinct))

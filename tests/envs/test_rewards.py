@@ -3,7 +3,7 @@
 import pytest
 
 from envs.gold import gold_scores
-from envs.reward_model import RewardModel
+from envs.reward_model import RewardModel, RewardModelSettings
 from envs.rewards import Finished, RewardFunction, compose, eos_reward, length_reward
 
 
@@ -31,7 +31,7 @@ def test_weighted_sum_and_info_parts():
 
 
 def test_reward_model_part_is_normalised_with_saved_stats():
-    rm = RewardModel.from_backbone("tiny")
+    rm = RewardModel.untrained(RewardModelSettings(backbone="tiny"))
     raw = rm.score(["great fun", "awful"])
     rm.score_mean, rm.score_std = 0.3, 2.0
     totals, parts = RewardFunction({"reward_model": 1.0}, rm, normalize=True)(batch())

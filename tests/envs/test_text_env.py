@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from envs.data import write_prompts
-from envs.text_env import ENV_ID, TextGenerationEnv, make_text_env
+from envs import ENV_ID
+from envs.data import DataSettings, write_prompts
+from envs.models import ModelSettings
+from envs.text_env import EnvSettings, TextGenerationEnv
+from envs.text_vector_env import make_text_env
 
 PROMPTS = ["the film was great", "I hated this movie", "the plot was bad", "a wonderful story", "the acting"]
 
@@ -17,9 +20,9 @@ def prompts(tmp_path):
 
 
 def kwargs(prompts, **extra):
-    base = dict(prompts=prompts, policy="tiny", tiny_vocab_size=64, max_new_tokens=4, max_prompt_tokens=12,
-                reward={"gold": 1.0, "length": 0.5})
-    return {**base, **extra}
+    settings = EnvSettings(max_new_tokens=4, max_prompt_tokens=12, instruction="", reward={"gold": 1.0, "length": 0.5})
+    return {"settings": settings.model_copy(update=extra), "data": DataSettings(prompts=prompts),
+            "model": ModelSettings(policy="tiny", tiny_vocab_size=64)}
 
 
 def rollout(env, seed, actions):
@@ -126,3 +129,29 @@ def test_data_position_round_trip(prompts):
     other.set_data_position(pos)
     other.res.stream.reseed(5)  # the seeded reset an EnvRunner does first keeps the restored position
     assert [other.res.stream.next() for _ in range(3)] == nxt
+
+
+def test_make_with_no_arguments_gives_a_working_env_on_the_shipped_prompts():
+    import subprocess
+    import sys
+
+    # A fresh interpreter: `import envs` alone must register the id, without loading any model.
+    code = "import envs, gymnasium as gym, sys; assert envs.ENV_ID in gym.registry; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    env = gym.make(ENV_ID)
+    check_env(env.unwrapped, skip_render_check=True)
+    obs, info = env.reset(seed=0)
+    assert info["prompt_index"] >= 0 and len(env.unwrapped.res.prompts) == 1250  # the shipped train split
+    assert env.action_space.n == 49152  # the embedded SmolLM2's vocabulary
+    for _ in range(env.unwrapped.res.settings.max_new_tokens):
+        obs, reward, term, trunc, info = env.step(env.unwrapped.res.tokenizer.encode(" great")[0])
+    assert trunc and info["reward_parts"] == {"gold": pytest.approx(reward)} and reward > 0.5
+
+
+def test_the_docstring_example_runs():
+    import doctest
+
+    import envs.text_env
+
+    result = doctest.testmod(envs.text_env)
+    assert result.attempted >= 5 and result.failed == 0

@@ -13,7 +13,7 @@ def test_scaling_and_ppo_knobs_reach_rllib():
                                "rollout.custom_resources_per_env_runner={rollout_node: 1}",
                                "rollout.restart_failed_env_runners=false", "run.seed=7",
                                "ppo.episodes_per_iteration=32", "ppo.minibatch_episodes=8", "env.max_new_tokens=10"])
-    c = build_ppo_config(cfg)
+    c = build_ppo_config(cfg, cfg.run.seed)
     assert (c.num_env_runners, c.num_envs_per_env_runner, c.num_learners) == (3, 16, 2)
     assert (c.num_gpus_per_learner, c.num_gpus_per_env_runner, c.num_cpus_per_env_runner) == (0.5, 0.25, 2)
     assert c.custom_resources_per_env_runner == {"rollout_node": 1.0}
@@ -22,4 +22,4 @@ def test_scaling_and_ppo_knobs_reach_rllib():
     assert c.shuffle_batch_per_epoch is False and c.use_kl_loss is False
     assert c.gym_env_vectorize_mode == "vector_entry_point"
     assert c.learner_class is LMPPOLearner and c.rl_module_spec.module_class is LMModule
-    assert c.learner_config_dict["kl_target"] == cfg.ppo.kl_target
+    assert c.learner_config_dict["ppo"]["kl_target"] == cfg.ppo.kl_target

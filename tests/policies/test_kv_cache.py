@@ -2,8 +2,8 @@
 
 import torch
 
+from envs.models import load_causal_lm
 from policies.kv_cache import PrefixKVCache
-from policies.models import load_causal_lm
 from policies.sampling import scaled_logp
 
 

@@ -17,7 +17,7 @@ def learner():
     cfg = load_config("tiny", ["ppo.lr=1e-3", "ppo.vf_lr=0.5"])
     obs = gym.spaces.Dict({"input_ids": gym.spaces.Box(0, 63, (W,), np.int64), "length": gym.spaces.Discrete(W + 1)})
     spaces = {MID: (obs, gym.spaces.Discrete(cfg.model.tiny_vocab_size))}
-    return build_ppo_config(cfg).build_learner(spaces=spaces)
+    return build_ppo_config(cfg, 0).build_learner(spaces=spaces)
 
 
 def test_policy_and_value_head_have_their_own_fused_adam(learner):

@@ -1,19 +1,16 @@
 """The RLModule: what EnvRunners hold and receive, what exploration returns, cache clearing."""
 
-import gymnasium as gym
-import numpy as np
 import torch
 from ray.rllib.core.columns import Columns
 
-from policies.lm_module import REF_HIDDEN, LMModule
+from policies.lm_module import REF_HIDDEN
+from tests.fixtures.modules import tiny_module
 
 W = 12
 
 
-def module(inference_only=False, **config):
-    obs = gym.spaces.Dict({"input_ids": gym.spaces.Box(0, 63, (W,), np.int64), "length": gym.spaces.Discrete(W + 1)})
-    return LMModule(observation_space=obs, action_space=gym.spaces.Discrete(64), inference_only=inference_only,
-                    model_config={"policy": "tiny", "tiny_vocab_size": 64, **config})
+def module(inference_only=False, **settings):
+    return tiny_module(W, inference_only, **settings)
 
 
 def obs_batch():
@@ -34,7 +31,7 @@ def test_env_runner_module_has_no_value_head_or_reference():
 
 
 def test_exploration_returns_only_actions_and_logp():
-    m = module(inference_only=True, temperature=0.7, top_k=5)
+    m = module(inference_only=True, temperature=0.7)
     out = m.forward_exploration(obs_batch())
     assert set(out) == {Columns.ACTIONS, Columns.ACTION_LOGP}
     assert out[Columns.ACTIONS].shape == (2,) and (out[Columns.ACTION_LOGP] <= 0).all()
@@ -76,6 +73,6 @@ def test_bfloat16_reference_gives_float32_outputs_close_to_float32():
     full, half = module(), module(reference_dtype="bfloat16")
     assert half._ref_lm.dtype == torch.bfloat16 and half.lm.dtype == torch.float32  # only the reference shrinks
     batch = {**obs_batch(), Columns.ACTIONS: torch.tensor([3, 4])}
-    (lp32, h32), (lp16, h16) = full.reference_pass(batch), half.reference_pass(batch)
+    (lp32, _h32), (lp16, h16) = full.reference_pass(batch), half.reference_pass(batch)
     assert lp16.dtype == h16.dtype == torch.float32
     torch.testing.assert_close(lp16, lp32, atol=0.05, rtol=0)

@@ -1,12 +1,11 @@
 """The packed learner forward (one causal pass per episode) equals a per-token forward."""
 
-import gymnasium as gym
-import numpy as np
 import torch
 from ray.rllib.core.columns import Columns
 
-from policies.lm_module import ENTROPY, LOGP, LMModule
+from policies.lm_module import ENTROPY, LOGP
 from policies.packing import pack_rows, packed_hidden, per_row_hidden
+from tests.fixtures.modules import tiny_module
 
 W = 12
 
@@ -28,9 +27,7 @@ def episode_rows():
 
 
 def module(inference_only=False):
-    obs = gym.spaces.Dict({"input_ids": gym.spaces.Box(0, 63, (W,), np.int64), "length": gym.spaces.Discrete(W + 1)})
-    return LMModule(observation_space=obs, action_space=gym.spaces.Discrete(64), inference_only=inference_only,
-                    model_config={"policy": "tiny", "tiny_vocab_size": 64, "temperature": 0.8})
+    return tiny_module(W, inference_only, temperature=0.8)
 
 
 def test_pack_rows_groups_episodes():

@@ -6,8 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from policies.ppo_math import (KLController, entropy_from_logits, gae, kl_k1, kl_k3, masked_mean, pg_loss,
-                               shape_rewards, value_loss, whiten)
+from policies.ppo_math import (
+    KLController,
+    entropy_from_logits,
+    gae,
+    kl_k1,
+    kl_k3,
+    masked_mean,
+    pg_loss,
+    shape_rewards,
+    value_loss,
+    whiten,
+)
 
 t = torch.tensor
 

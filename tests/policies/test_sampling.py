@@ -1,10 +1,10 @@
-"""Sampling: filters keep the right tokens; log-probs are under the tempered full distribution."""
+"""Sampling: filters keep the right tokens; the log-prob is that of the distribution the token was drawn from."""
 
 import math
 
 import torch
 
-from policies.sampling import filter_logits, greedy_tokens, sample_tokens
+from policies.sampling import filter_logits, sample_tokens
 
 
 def test_top_k_keeps_k_best():
@@ -22,18 +22,28 @@ def test_top_p_keeps_the_nucleus():
     assert torch.isfinite(out).sum() == 1 and torch.isfinite(out[0, 1])
 
 
-def test_sample_logp_and_greedy():
+def test_logp_is_under_the_distribution_sampled_from():
     logits = torch.tensor([[0.0, math.log(3.0)]]).repeat(4, 1)
     tokens, logp = sample_tokens(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
     # p = [0.25, 0.75]
     expected = torch.where(tokens == 1, math.log(0.75), math.log(0.25))
     torch.testing.assert_close(logp, expected.float())
-    tokens, _ = sample_tokens(logits, top_k=1)
-    assert (tokens == 1).all()
-    assert greedy_tokens(logits).tolist() == [1, 1, 1, 1]
     # temperature 0.5 squares the odds: p = [1/10, 9/10]
-    _, logp = sample_tokens(logits[:1], temperature=0.5, top_k=1)
-    torch.testing.assert_close(logp, torch.tensor([math.log(0.9)]))
+    tokens, logp = sample_tokens(logits[:1], temperature=0.5, u=torch.tensor([0.05]))
+    assert tokens.tolist() == [0]
+    torch.testing.assert_close(logp, torch.tensor([math.log(0.1)]))
+    # top-k 1 leaves one token with probability 1: log-prob 0 (the filtered distribution, not the full one)
+    tokens, logp = sample_tokens(logits, top_k=1)
+    assert (tokens == 1).all() and (logp == 0).all()
+
+
+def test_per_row_parameters_and_greedy_rows():
+    logits = torch.tensor([[0.0, math.log(3.0)]]).repeat(3, 1)
+    temperature = torch.tensor([[0.0], [1.0], [0.5]])  # greedy, plain, sharper
+    top_p = torch.tensor([[1.0], [0.5], [1.0]])  # the second row keeps only its best token
+    tokens, logp = sample_tokens(logits, temperature, top_p=top_p, u=torch.tensor([0.9, 0.1, 0.05]))
+    assert tokens.tolist() == [1, 1, 0]
+    torch.testing.assert_close(logp, torch.tensor([0.0, 0.0, math.log(0.1)]))
 
 
 def test_sampled_frequencies_follow_the_distribution():

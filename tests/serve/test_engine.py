@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policies.models import tiny_causal_lm, tiny_tokenizer
+from envs import tiny
 from serve.engine import GenerationEngine, GenerationJob, InputError, _held_back, sample_next
 
 
 @pytest.fixture(scope="module")
 def engine() -> GenerationEngine:
-    model, tok = tiny_causal_lm(vocab_size=len(tiny_tokenizer()))
+    model, tok = tiny.causal_lm(vocab_size=len(tiny.tokenizer()))
     return GenerationEngine(model, tok, max_tokens_limit=32)
 
 
@@ -29,7 +29,8 @@ def test_left_padded_batch_equals_one_by_one(engine):
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
-    job = lambda seed: engine.make_job(engine.encode_prompt("the film"), 12, temperature=1.0, top_p=0.9, seed=seed)
+    def job(seed):
+        return engine.make_job(engine.encode_prompt("the film"), 12, temperature=1.0, top_p=0.9, seed=seed)
     a = engine.generate([job(3)])[0].text
     assert engine.generate([job(3), job(4)])[0].text == a
     assert any(engine.generate([job(s)])[0].text != a for s in range(5, 10))
@@ -114,8 +115,8 @@ def test_chat_prompt_uses_the_template(engine):
 
 
 def test_health_check_reports_a_broken_model():
-    model, tok = tiny_causal_lm(vocab_size=len(tiny_tokenizer()))
-    engine = GenerationEngine(model, tok)
+    model, tok = tiny.causal_lm(vocab_size=len(tiny.tokenizer()))
+    engine = GenerationEngine(model, tok, max_tokens_limit=8)
     engine.check_health()
     with torch.no_grad():
         model.model.embed_tokens.weight.fill_(float("nan"))

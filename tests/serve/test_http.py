@@ -19,8 +19,8 @@ import ray
 from ray import serve
 
 from cluster.config import load_config
+from cluster.serving import start_app
 from envs.reward_model import RewardModel
-from serve.run import start_app
 
 KEY = "test-key-123"
 MODEL = "tiny-policy"

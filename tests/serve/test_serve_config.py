@@ -10,14 +10,20 @@ import yaml
 from pydantic import BaseModel
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import (
-    DeploymentSchema, HTTPOptionsSchema, RayActorOptionsSchema, ServeApplicationSchema, ServeDeploySchema,
+    DeploymentSchema,
+    HTTPOptionsSchema,
+    RayActorOptionsSchema,
+    ServeApplicationSchema,
+    ServeDeploySchema,
 )
 
 from cluster.config import ConfigError, load_config
-from policies.models import ModelLoadError
-from serve.run import build_app, build_application, deployment_options, resolve_policy
+from cluster.serving import application, build_app
+from envs.models import ModelLoadError
+from policies.export import resolve_policy
+from serve.application import deployment_options
 
-CONFIG = Path(__file__).resolve().parents[2] / "serve" / "serve_config.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "cluster" / "manifests" / "serve_config.yaml"
 
 
 def assert_known_keys(data: dict, schema: type[BaseModel], where: str) -> None:
@@ -39,7 +45,7 @@ def test_serve_config_matches_serves_schema():
         scaling = AutoscalingConfig(**dep["autoscaling_config"])  # forbids unknown keys itself
         assert 1 <= scaling.min_replicas <= scaling.max_replicas and scaling.target_ongoing_requests >= 1
         assert dep["max_ongoing_requests"] >= scaling.target_ongoing_requests
-    assert schema.applications[0].import_path == "serve.run:build_app"
+    assert schema.applications[0].import_path == "cluster.serving:build_app"
 
 
 def test_import_path_and_args_build_the_declared_deployments(tiny_policy_dir, tiny_reward_dir):
@@ -50,9 +56,9 @@ def test_import_path_and_args_build_the_declared_deployments(tiny_policy_dir, ti
     args = {**app["args"], "model": tiny_policy_dir, "reward_model": tiny_reward_dir}
     built = builder(args)
     policy = built._bound_deployment
-    reward = policy.init_args[3]._bound_deployment
+    reward = policy.init_args[4]._bound_deployment
     assert {policy.name, reward.name} == {d["name"] for d in app["deployments"]}
-    assert policy.init_args[2]["max_batch_size"] == 16
+    assert policy.init_args[2].max_batch_size == 16
 
 
 def test_build_app_rejects_unknown_args(tiny_policy_dir):
@@ -66,10 +72,10 @@ def test_deployment_options_follow_the_config():
     scaled = deployment_options(load_config(None, ["serve.max_replicas=3", "serve.num_cpus_per_replica=2"]).serve)
     assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 16}
     assert scaled["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
-    with pytest.raises(ConfigError, match="serve.min_replicas"):
-        deployment_options(load_config(None, ["serve.min_replicas=3", "serve.max_replicas=2"]).serve)
-    with pytest.raises(ConfigError, match="serve.max_ongoing_requests"):
-        deployment_options(load_config(None, ["serve.max_ongoing_requests=4"]).serve)
+    with pytest.raises(ConfigError, match="serve: min_replicas"):
+        load_config(None, ["serve.min_replicas=3", "serve.max_replicas=2"])
+    with pytest.raises(ConfigError, match="serve: max_ongoing_requests"):
+        load_config(None, ["serve.max_ongoing_requests=4"])
 
 
 def test_resolve_policy_accepts_model_and_run_directories(tiny_policy_dir, tmp_path):
@@ -80,12 +86,27 @@ def test_resolve_policy_accepts_model_and_run_directories(tiny_policy_dir, tmp_p
     (run / "policy" / "config.json").write_text("{}")
     assert resolve_policy(str(run)) == (str((run / "policy").resolve()), "my-run")
     assert resolve_policy(str(run / "policy"))[1] == "my-run"
-    with pytest.raises(ModelLoadError, match="neither"):
+    with pytest.raises(ModelLoadError, match="not an alignray run directory or RLlib checkpoint"):
         resolve_policy(str(tmp_path))
-    with pytest.raises(ModelLoadError, match="no such directory"):
+    with pytest.raises(ModelLoadError, match="not a Hugging Face model directory"):
         resolve_policy(str(tmp_path / "missing"))
 
 
 def test_build_application_checks_the_reward_model_dir(tiny_policy_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="reward model"):
-        build_application(tiny_policy_dir, load_config(), reward_model=str(tmp_path))
+        application(tiny_policy_dir, load_config(), reward_model=str(tmp_path))
+
+
+def test_openapi_declares_every_error_status_with_the_openai_error_body():
+    from serve.app import app
+
+    schema = app.openapi()
+    want = {("get", "/healthz"): {"503"}, ("get", "/v1/models"): {"401"}, ("get", "/v1/models/{model_id}"): {"401", "404"},
+            **{("post", p): {"400", "401", "404", "413"} for p in ("/v1/completions", "/v1/chat/completions", "/v1/rewards")}}
+    got = {(m, p): set(op["responses"]) - {"200"} for p, ops in schema["paths"].items() for m, op in ops.items()}
+    assert got == want  # and no 422: a bad body is a 400 here
+    for (method, path), statuses in want.items():
+        for status in statuses:
+            body = schema["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"]
+            assert body == {"$ref": "#/components/schemas/ErrorResponse"}, (method, path, status)
+    assert "HTTPValidationError" not in schema["components"]["schemas"]

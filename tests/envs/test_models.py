@@ -4,11 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from policies.models import ModelLoadError, export_pretrained, load_causal_lm, load_encoder, tiny_causal_lm
+from envs import tiny
+from envs.models import ModelLoadError, export_pretrained, load_causal_lm, load_encoder
 
 
 def test_tiny_model_saved_and_loaded_from_directory(tmp_path):
-    model, tok = tiny_causal_lm()
+    model, tok = tiny.causal_lm()
     export_pretrained(model, tok, tmp_path / "tiny")
     again, tok2 = load_causal_lm(str(tmp_path / "tiny"))
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")

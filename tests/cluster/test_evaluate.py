@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from cluster.config import load_config
+from cluster.evaluate import evaluate
+from cluster.report import write_report
+from envs import tiny
 from envs.data import write_prompts
-from policies.evaluate import distinct_n, evaluate
-from policies.models import export_pretrained, load_causal_lm, tiny_causal_lm
-from policies.report import write_report
+from envs.models import export_pretrained, load_causal_lm
+from policies.evaluation import distinct_n
 
 
 @pytest.fixture()
@@ -29,7 +31,7 @@ def test_distinct_n_by_hand():
 
 
 def test_eval_of_reference_copy_has_zero_kl_and_all_columns(tmp_path, tiny_cfg):
-    model, tok = tiny_causal_lm()
+    model, tok = tiny.causal_lm()
     export_pretrained(model, tok, tmp_path / "policy")
     summary = evaluate(tiny_cfg, str(tmp_path / "policy"), out_dir=tmp_path / "eval")
     table = pq.read_table(tmp_path / "eval" / "samples.parquet")
@@ -46,7 +48,7 @@ def test_eval_of_reference_copy_has_zero_kl_and_all_columns(tmp_path, tiny_cfg):
 def test_eval_of_changed_policy_has_positive_kl(tmp_path, tiny_cfg):
     import torch
 
-    model, tok = tiny_causal_lm()
+    model, tok = tiny.causal_lm()
     with torch.no_grad():
         model.lm_head.weight.mul_(3.0)  # sharper distribution: KL(pi || ref) > 0
     export_pretrained(model, tok, tmp_path / "policy")
@@ -56,7 +58,7 @@ def test_eval_of_changed_policy_has_positive_kl(tmp_path, tiny_cfg):
 
 def test_report_from_metrics_and_eval(tmp_path, tiny_cfg):
     run = tmp_path / "run"
-    model, tok = tiny_causal_lm()
+    model, tok = tiny.causal_lm()
     export_pretrained(model, tok, run / "policy")
     (run / "metrics.csv").write_text("iteration,rm_score,gold_score,kl_ref,kl_coef\n1,0.1,0.0,0.5,0.05\n2,0.3,0.2,1.5,0.06\n")
     evaluate(tiny_cfg, str(run), out_dir=run / "eval")
@@ -70,7 +72,7 @@ def test_report_from_metrics_and_eval(tmp_path, tiny_cfg):
 
 
 def test_batched_sequence_logprobs_match_one_pass_per_response():
-    from policies.evaluate import sequence_logprobs
+    from policies.evaluation import sequence_logprobs
     lm, _ = load_causal_lm("tiny", tiny_vocab_size=64)
     prompts, responses = [[5, 6, 7], [8], [9, 10], [11, 12]], [[20, 21], [22, 23, 24, 25], [], [3]]
     want = []

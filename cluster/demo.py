@@ -12,6 +12,10 @@ import time
 from pathlib import Path
 
 from cluster.config import Config, config_to_dict, dump_config
+from cluster.evaluate import evaluate
+from cluster.report import write_report
+from cluster.train import train, train_rm
+from envs.data import resolve_path
 
 STAGES = ("reward model", "PPO", "evaluation", "report")
 
@@ -28,18 +32,13 @@ def _rm_is_current(cfg: Config) -> bool:
 
 def _rm_key(cfg: Config) -> dict:
     """What the cached reward model depends on."""
-    data = cfg.resolve_path(cfg.data.preferences)
+    data = resolve_path(cfg.data.preferences)
     return {"reward_model": config_to_dict(cfg)["reward_model"], "preferences": str(data),
             "preferences_mtime": data.stat().st_mtime if data.exists() else None, "seed": cfg.run.seed}
 
 
 def run_demo(cfg: Config, fresh: bool = False) -> dict:
     """Run every stage and return {'report', 'policy', 'summary'}."""
-    from envs.reward_training import train_reward_model
-    from policies.evaluate import evaluate
-    from policies.report import write_report
-    from policies.train import train
-
     start = time.time()
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +48,7 @@ def run_demo(cfg: Config, fresh: bool = False) -> dict:
     if not fresh and _rm_is_current(cfg):
         print(f"reusing the reward model in {cfg.reward_model.path} (--fresh retrains it)")
     else:
-        m = train_reward_model(cfg)
+        m = train_rm(cfg)
         (Path(cfg.reward_model.path) / "alignray_demo.json").write_text(json.dumps(_rm_key(cfg)))
         print(f"reward model: held-out gold-order agreement {m.get('eval_gold_agreement', float('nan')):.3f}, "
               f"Spearman {m.get('eval_spearman', float('nan')):.3f}")

@@ -5,8 +5,8 @@ import json
 from transformers import AutoModelForCausalLM
 
 from cluster.config import load_config
+from cluster.demo import run_demo
 from envs.data import write_preferences, write_prompts
-from policies.demo import run_demo
 
 
 def test_tiny_demo_writes_every_artifact(tmp_path):

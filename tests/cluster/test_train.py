@@ -11,10 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cluster.config import load_config
+from cluster.run_log import read_metrics
+from cluster.train import STATE_FILE, latest_checkpoint, train
 from envs.data import write_prompts
-from policies.models import load_causal_lm
-from policies.run_log import read_metrics
-from policies.train import STATE_FILE, latest_checkpoint, train
+from envs.models import load_causal_lm
 
 PROMPTS = ["the film was great", "I hated this movie", "the plot was bad", "a wonderful story",
            "the acting was terrible", "I loved the music", "the ending was boring", "a fun movie"]
@@ -89,7 +89,7 @@ def test_checkpoint_converts_to_hf(run, tmp_path):
     out = checkpoint_to_hf(tmp / "run", tmp_path / "hf")  # a run directory: its latest checkpoint
     a = AutoModelForCausalLM.from_pretrained(out)
     b = AutoModelForCausalLM.from_pretrained(metrics["policy_dir"])
-    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+    for (_n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p, q)
 
 
@@ -106,7 +106,7 @@ def test_shared_reward_model_actor_scores_for_the_env_runners(tmp_path):
 
 
 def test_reward_actor_options_come_from_the_config(tmp_path, monkeypatch):
-    import policies.train as train_module
+    import cluster.train as train_module
 
     seen = {}
     monkeypatch.setattr(train_module, "start_reward_actor", lambda *args, **kw: seen.update(kw, args=args))
@@ -114,4 +114,4 @@ def test_reward_actor_options_come_from_the_config(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, **{"rollout.reward_model_placement": "actor", "rollout.reward_model_num_gpus": 0.5,
                                 "rollout.reward_model_resources": "{rm: 1}"})
     train_module._start_reward_actor(cfg)
-    assert seen["num_gpus"] == 0.5 and seen["resources"] == {"rm": 1.0} and seen["args"][1] == "tiny"
+    assert seen["num_gpus"] == 0.5 and seen["resources"] == {"rm": 1.0} and seen["args"][0].backbone == "tiny"

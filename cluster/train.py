@@ -6,7 +6,7 @@ With ``rollout.reward_model_placement='actor'`` the driver starts the shared rew
 Layout of ``run.output_dir``::
 
     config.yaml           the resolved config of the run
-    metrics.csv           one row per iteration (see policies.run_log.METRICS)
+    metrics.csv           one row per iteration (see cluster.run_log.METRICS)
     tb/                   TensorBoard scalars
     checkpoints/iter_N/   RLlib checkpoints (policy, value head, optimizer, KL coefficient, iteration)
                           + alignray_state.json (prompt-stream positions of every EnvRunner)
@@ -26,12 +26,15 @@ import torch
 from tqdm.auto import tqdm
 
 from cluster.config import Config, dump_config
+from cluster.run_log import RunLog, read_metrics, summarize
+from envs.data import resolve_path
+from envs.models import export_pretrained
 from envs.reward_actor import start_reward_actor, stop_reward_actor
+from envs.reward_training import train_reward_model
 from policies.algo import build_ppo_config
 from policies.callbacks import DataPositions, data_positions, set_data_positions
 from policies.export import policy_from_state
-from policies.models import export_pretrained
-from policies.run_log import RunLog, read_metrics, summarize
+from policies.lm_module import ModuleSettings
 
 STATE_FILE = "alignray_state.json"
 
@@ -82,7 +85,7 @@ def policy_model(algo):
 
     key = f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/{DEFAULT_MODULE_ID}"
     state = algo.learner_group.get_state(components=key)[COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]
-    return policy_from_state(state, algo.config.rl_module_spec.model_config)
+    return policy_from_state(state, ModuleSettings.model_validate(algo.config.rl_module_spec.model_config["settings"]))
 
 
 def _ensure_ray(cfg: Config) -> bool:
@@ -101,9 +104,15 @@ def _start_reward_actor(cfg: Config):
     r = cfg.rollout
     if r.reward_model_placement != "actor" or "reward_model" not in cfg.env.reward:
         return None
-    return start_reward_actor(str(cfg.resolve_path(cfg.reward_model.path)), cfg.reward_model.backbone,
-                              num_gpus=r.reward_model_num_gpus, resources=r.reward_model_resources,
+    return start_reward_actor(cfg.reward_model.resolved(), num_gpus=r.reward_model_num_gpus, resources=r.reward_model_resources,
                               torch_threads=cfg.run.torch_threads)
+
+
+def train_rm(cfg: Config) -> dict:
+    """``alignray train-rm``: the reward model on the configured preferences, with the run's seed and threads."""
+    if cfg.run.torch_threads:
+        torch.set_num_threads(cfg.run.torch_threads)
+    return train_reward_model(cfg.reward_model, resolve_path(cfg.data.preferences), cfg.run.seed)
 
 
 def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
@@ -119,7 +128,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         rm_actor = _start_reward_actor(cfg)
         if rm_actor is not None:
             cleanup.callback(stop_reward_actor, rm_actor)
-        algo = build_ppo_config(cfg).build_algo()
+        algo = build_ppo_config(cfg, cfg.run.seed).build_algo()
         cleanup.callback(algo.stop)
         start = 0
         ckpt = latest_checkpoint(out) if resume else None

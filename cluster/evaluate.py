@@ -1,0 +1,95 @@
+"""``alignray eval``: a policy against the reference model on held-out prompts.
+
+For each held-out prompt both models sample a response (the training temperature, the same
+seed). Each response gets the reward-model score, the gold (VADER) score, its length in tokens
+and whether it ended with EOS; policy responses also get their KL to the reference, the sampled
+estimate sum_t [log pi(y_t) - log pi_ref(y_t)] in nats (0 for the reference's own responses by
+definition). Outputs: ``samples.parquet`` (every sample) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from cluster.config import Config
+from envs.data import load_prompts, resolve_path
+from envs.gold import gold_scores
+from envs.models import load_causal_lm
+from envs.prompting import prompt_ids
+from envs.rewards import load_reward_model
+from policies.evaluation import distinct_n, sample, sequence_logprobs
+from policies.export import resolve_policy
+
+SUMMARY_METRICS = ("rm_score", "gold_score", "kl", "length", "eos_rate", "distinct_1", "distinct_2")
+
+
+def _score_side(name, model, tok, rm, cfg: Config, prompts, prompt_tok, seed) -> list[dict]:
+    """Sample and score one model's responses to every prompt."""
+    responses = sample(model, tok, prompt_tok, cfg.env.max_new_tokens, cfg.ppo.temperature, seed)
+    texts = [tok.decode(r, skip_special_tokens=True).strip() for r in responses]
+    rm_scores = rm.score(texts, prompts, cfg.reward_model.score_batch_size, normalize=cfg.env.reward_normalization)
+    golds = gold_scores(texts)
+    return [{"model": name, "prompt": pr, "response": t, "rm_score": s, "gold_score": g, "kl": 0.0,
+             "length": len(r), "eos": bool(r and r[-1] == tok.eos_token_id), "_ids": r}
+            for pr, t, s, g, r in zip(prompts, texts, rm_scores, golds, responses)]
+
+
+def summarize(rows: list[dict]) -> dict[str, float]:
+    """Mean of each metric over one model's rows, plus distinct-n over its responses."""
+    texts = [r["response"] for r in rows]
+    out = {k: float(np.mean([r[k] for r in rows])) for k in ("rm_score", "gold_score", "kl", "length", "eos")}
+    out["eos_rate"] = out.pop("eos")
+    out["distinct_1"], out["distinct_2"] = distinct_n(texts, 1), distinct_n(texts, 2)
+    out["gold_score_sem"] = float(np.std([r["gold_score"] for r in rows]) / np.sqrt(len(rows)))
+    return out
+
+
+def evaluate(cfg: Config, policy: str, out_dir: str | Path | None = None) -> dict:
+    """Evaluate `policy` (run dir, checkpoint, HF dir or spec) against cfg.model.policy; write outputs."""
+    torch.manual_seed(cfg.run.seed)
+    policy_dir, _ = resolve_policy(policy)
+    out = Path(out_dir) if out_dir else (Path(policy) / "eval" if Path(policy).is_dir() else Path(cfg.run.output_dir) / "eval")
+    m = cfg.model
+    ref, tok = load_causal_lm(m.policy, m.dtype, m.tiny_vocab_size)
+    pol, _ = load_causal_lm(policy_dir, m.dtype) if policy_dir != m.policy else (ref, tok)
+    rm = load_reward_model(cfg.reward_model)  # tiny runs may skip training
+    prompts = load_prompts(resolve_path(cfg.data.prompts), "test")[: cfg.run.eval_prompts]
+    e = cfg.env
+    prompt_tok = [prompt_ids(tok, p, e.instruction, e.chat_template, e.max_prompt_tokens) for p in prompts]
+    rows = []
+    for name, model in tqdm([("reference", ref), ("policy", pol)], desc="evaluating", unit="model"):
+        rows += _score_side(name, model, tok, rm, cfg, prompts, prompt_tok, cfg.run.seed)
+    pol_rows = [r for r in rows if r["model"] == "policy"]
+    if pol is not ref:
+        ids = [r["_ids"] for r in pol_rows]
+        lp_pol = sequence_logprobs(pol, prompt_tok, ids, cfg.ppo.temperature)
+        lp_ref = sequence_logprobs(ref, prompt_tok, ids, cfg.ppo.temperature)
+        for r, a, b in zip(pol_rows, lp_pol, lp_ref):
+            r["kl"] = a - b
+    for r in rows:
+        r.pop("_ids")
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), out / "samples.parquet")
+    summary = {"policy": policy_dir, "reference": m.policy, "prompts": len(prompts),
+               "reference_metrics": summarize([r for r in rows if r["model"] == "reference"]),
+               "policy_metrics": summarize(pol_rows)}
+    summary["gold_gain"] = summary["policy_metrics"]["gold_score"] - summary["reference_metrics"]["gold_score"]
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["text"] = format_summary(summary) + f"\nsamples and summary written to {out}"
+    summary["out_dir"] = str(out)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A side-by-side table of policy vs reference metrics."""
+    ref, pol = summary["reference_metrics"], summary["policy_metrics"]
+    lines = [f"{'metric':<14}{'reference':>12}{'policy':>12}"]
+    lines += [f"{k:<14}{ref[k]:>12.3f}{pol[k]:>12.3f}" for k in SUMMARY_METRICS]
+    return "\n".join(lines)
