@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-all bench data clean
+.PHONY: install demo test test-all lint bench data clean
 
 install: $(STAMP)
 
@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/alignray demo $(ARGS)
 
-test: install
+test: install lint
 	$(BIN)/pytest -q $(ARGS)
+
+# ruff: the linter and formatter configured in pyproject.toml (`ruff format .` fixes the layout).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Everything, including the real-model tests marked slow.
 test-all: install

@@ -34,7 +34,9 @@ def sample_episodes(cfg, episodes: int):
 
     from policies.algo import build_ppo_config
 
-    runner = SingleAgentEnvRunner(config=build_ppo_config(cfg, cfg.run.seed).env_runners(num_envs_per_env_runner=episodes))
+    runner = SingleAgentEnvRunner(
+        config=build_ppo_config(cfg, cfg.run.seed).env_runners(num_envs_per_env_runner=episodes)
+    )
     eps = runner.sample(num_timesteps=episodes * cfg.env.max_new_tokens, explore=True)
     env = runner.env.unwrapped.envs[0]
     runner.stop()
@@ -49,8 +51,11 @@ def token_rows(episodes):
         ids.append(np.asarray(obs["input_ids"])[:-1])
         lens.append(np.asarray(obs["length"])[:-1])
         acts.append(np.asarray(e.get_actions()))
-    return (torch.from_numpy(np.concatenate(ids)), torch.from_numpy(np.concatenate(lens)),
-            torch.from_numpy(np.concatenate(acts)).long())
+    return (
+        torch.from_numpy(np.concatenate(ids)),
+        torch.from_numpy(np.concatenate(lens)),
+        torch.from_numpy(np.concatenate(acts)).long(),
+    )
 
 
 def plain_step(lm, opt, packing, actions, step: bool) -> float:
@@ -74,17 +79,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config("demo", [f"model.policy={args.model}", f"env.max_new_tokens={args.max_new_tokens}",
-                               "env.reward={length: 1.0}", f"ppo.episodes_per_iteration={args.episodes}",
-                               f"ppo.minibatch_episodes={args.episodes}", "ppo.epochs=1"])
+    cfg = load_config(
+        "demo",
+        [
+            f"model.policy={args.model}",
+            f"env.max_new_tokens={args.max_new_tokens}",
+            "env.reward={length: 1.0}",
+            f"ppo.episodes_per_iteration={args.episodes}",
+            f"ppo.minibatch_episodes={args.episodes}",
+            "ppo.epochs=1",
+        ],
+    )
     from envs.models import load_causal_lm
     from policies.algo import build_ppo_config
 
     episodes, env = sample_episodes(cfg, args.episodes)
     ids, lengths, actions = token_rows(episodes)
     packing = pack_rows(ids, lengths)
-    print(f"model={args.model} episodes={len(episodes)} tokens={len(actions)} packed sequences={len(packing.seqs)} "
-          f"x {packing.seqs.shape[1]} threads={args.threads}")
+    print(
+        f"model={args.model} episodes={len(episodes)} tokens={len(actions)} packed sequences={len(packing.seqs)} "
+        f"x {packing.seqs.shape[1]} threads={args.threads}"
+    )
     learner = build_ppo_config(cfg, cfg.run.seed).build_learner(env=env)
     lm, _ = load_causal_lm(cfg.model.policy, cfg.model.dtype, cfg.model.tiny_vocab_size)
     lm.train()
@@ -99,17 +114,20 @@ def main() -> None:
         learner.update(episodes=copy.deepcopy(episodes), num_epochs=1, minibatch_size=None)
         update.append(time.perf_counter() - t0)
     # The PPO step alone, on a batch the connectors prepared once.
-    batch = learner._learner_connector(rl_module=learner.module, batch={}, episodes=copy.deepcopy(episodes),
-                                       shared_data={}, metrics=learner.metrics)
+    batch = learner._learner_connector(
+        rl_module=learner.module, batch={}, episodes=copy.deepcopy(episodes), shared_data={}, metrics=learner.metrics
+    )
     steps = []
     for _ in range(args.rounds):
         t0 = time.perf_counter()
         learner._update(batch)
         steps.append(time.perf_counter() - t0)
     p, pa, u, s = (statistics.median(x) for x in (plain, plain_adam, update, steps))
-    print(f"plain fwd+bwd {p:.3f}s | plain fwd+bwd+adam {pa:.3f}s | ppo step {s:.3f}s ({s / p:.2f}x plain, "
-          f"{s / pa:.2f}x plain+adam) | ppo update incl. the reference pass (KL + values) {u:.3f}s "
-          f"({u / p:.2f}x plain, {u / pa:.2f}x plain+adam)")
+    print(
+        f"plain fwd+bwd {p:.3f}s | plain fwd+bwd+adam {pa:.3f}s | ppo step {s:.3f}s ({s / p:.2f}x plain, "
+        f"{s / pa:.2f}x plain+adam) | ppo update incl. the reference pass (KL + values) {u:.3f}s "
+        f"({u / p:.2f}x plain, {u / pa:.2f}x plain+adam)"
+    )
 
 
 if __name__ == "__main__":

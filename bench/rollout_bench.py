@@ -26,19 +26,30 @@ from envs.prompting import prompt_ids
 
 def generate_tokens_per_s(lm, tok, prompts: list[str], cfg, batch: int, seed: int) -> float:
     """One batched ``generate`` call over `batch` prompts; generated tokens (up to EOS) per second."""
-    ids = [prompt_ids(tok, p, cfg.env.instruction, cfg.env.chat_template, cfg.env.max_prompt_tokens)
-           for p in prompts[:batch]]
+    ids = [
+        prompt_ids(tok, p, cfg.env.instruction, cfg.env.chat_template, cfg.env.max_prompt_tokens)
+        for p in prompts[:batch]
+    ]
     L = max(map(len, ids))
     x = torch.full((batch, L), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros(batch, L, dtype=torch.long)
     for i, row in enumerate(ids):
-        x[i, L - len(row):], mask[i, L - len(row):] = torch.tensor(row), 1
+        x[i, L - len(row) :], mask[i, L - len(row) :] = torch.tensor(row), 1
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = lm.generate(input_ids=x, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                          max_new_tokens=cfg.env.max_new_tokens, pad_token_id=tok.pad_token_id,
-                          eos_token_id=tok.eos_token_id, use_cache=True)
+        out = lm.generate(
+            input_ids=x,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=cfg.env.max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            use_cache=True,
+        )
     dt = time.perf_counter() - t0
     new = out[:, L:]
     ended = (new == tok.eos_token_id).int().cumsum(1)
@@ -75,8 +86,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     reward = "{reward_model: 1.0}" if args.reward_model else "{length: 1.0}"
-    cfg = load_config("demo", [f"model.policy={args.model}", f"env.max_new_tokens={args.max_new_tokens}",
-                               f"env.reward={reward}", "reward_model.backbone=tiny" if args.model == "tiny" else "run.seed=0"])
+    cfg = load_config(
+        "demo",
+        [
+            f"model.policy={args.model}",
+            f"env.max_new_tokens={args.max_new_tokens}",
+            f"env.reward={reward}",
+            "reward_model.backbone=tiny" if args.model == "tiny" else "run.seed=0",
+        ],
+    )
     prompts = load_prompts(resolve_path(cfg.data.prompts))
     from envs.models import load_causal_lm
 
@@ -89,13 +107,16 @@ def main() -> None:
         generate_tokens_per_s(lm, tok, prompts, cfg, batch, 0)
         gen, rl = [], []
         for r in range(args.rounds):
-            gen.append(generate_tokens_per_s(lm, tok, prompts[r * batch:], cfg, batch, r))
+            gen.append(generate_tokens_per_s(lm, tok, prompts[r * batch :], cfg, batch, r))
             rl.append(runner_tokens_per_s(runner, steps))
         kv = runner.module._kv
         g, e = statistics.median(gen), statistics.median(rl)
-        print(f"batch {batch:3d}: generate {g:7.1f} tok/s | RLlib EnvRunner {e:7.1f} tok/s | ratio {e / g:.2f} "
-              f"(best rounds: {max(gen):.1f} vs {max(rl):.1f}, ratio {max(rl) / max(gen):.2f}; "
-              f"cache hit rate {kv.hits / max(kv.hits + kv.misses, 1):.2f})", flush=True)
+        print(
+            f"batch {batch:3d}: generate {g:7.1f} tok/s | RLlib EnvRunner {e:7.1f} tok/s | ratio {e / g:.2f} "
+            f"(best rounds: {max(gen):.1f} vs {max(rl):.1f}, ratio {max(rl) / max(gen):.2f}; "
+            f"cache hit rate {kv.hits / max(kv.hits + kv.misses, 1):.2f})",
+            flush=True,
+        )
         runner.stop()
 
 

@@ -76,16 +76,20 @@ def main() -> None:
         overrides += ["model.tiny_vocab_size=512", "reward_model.backbone=tiny"]
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
     try:
-        print(f"model={args.model} envs/runner={args.envs_per_runner} max_new_tokens={args.max_new_tokens} "
-              f"rounds={args.rounds} cores={os.cpu_count()} ({platform.processor() or platform.machine()})")
+        print(
+            f"model={args.model} envs/runner={args.envs_per_runner} max_new_tokens={args.max_new_tokens} "
+            f"rounds={args.rounds} cores={os.cpu_count()} ({platform.processor() or platform.machine()})"
+        )
         print("| EnvRunners | rollout tok/s (median) | best | speed-up | build s |\n|---|---|---|---|---|")
         base = None
         for n in args.runners:
             cfg = load_config("demo", overrides + [f"rollout.num_env_runners={n}"])
             row = measure(cfg, n, args.rounds)
             base = base or row["tok_s"]
-            print(f"| {n} | {row['tok_s']:.0f} | {row['best']:.0f} | {row['tok_s'] / base:.2f}x | {row['build_s']:.0f} |",
-                  flush=True)
+            print(
+                f"| {n} | {row['tok_s']:.0f} | {row['best']:.0f} | {row['tok_s'] / base:.2f}x | {row['build_s']:.0f} |",
+                flush=True,
+            )
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -50,8 +50,14 @@ async def drive(url: str, model: str, clients: int, tokens: int, duration: float
         nonlocal errors
         k = 0
         while time.perf_counter() < stop_at:
-            body = {"model": model, "prompt": PROMPTS[(i + k) % len(PROMPTS)], "max_tokens": tokens,
-                    "temperature": 0.8, "seed": i * 1000 + k, "ignore_eos": True}
+            body = {
+                "model": model,
+                "prompt": PROMPTS[(i + k) % len(PROMPTS)],
+                "max_tokens": tokens,
+                "temperature": 0.8,
+                "seed": i * 1000 + k,
+                "ignore_eos": True,
+            }
             t0 = time.perf_counter()
             r = await client.post(url + "/v1/completions", json=body)
             t1 = time.perf_counter()
@@ -78,7 +84,8 @@ def summarize(runs: list[dict], tokens: int) -> dict:
     if not latencies:
         raise RuntimeError("no request completed inside the measuring windows")
     return {
-        "requests": len(latencies), "errors": sum(r["errors"] for r in runs),
+        "requests": len(latencies),
+        "errors": sum(r["errors"] for r in runs),
         "requests_per_s": len(latencies) / duration,
         "tokens_per_s": len(latencies) * tokens / duration,
         "p50_latency_s": statistics.median(latencies),
@@ -95,12 +102,18 @@ def start(args: argparse.Namespace) -> tuple[dict[str, str], str]:
     from policies.export import resolve_policy
 
     ray.init(num_cpus=2 * args.cpus, include_dashboard=False, log_to_driver=False)
-    common = [f"serve.port={args.port}", f"serve.num_cpus_per_replica={args.cpus}",
-              f"run.torch_threads={args.threads}", "serve.max_tokens_limit=256", "serve.max_ongoing_requests=64"]
+    common = [
+        f"serve.port={args.port}",
+        f"serve.num_cpus_per_replica={args.cpus}",
+        f"run.torch_threads={args.threads}",
+        "serve.max_tokens_limit=256",
+        "serve.max_ongoing_requests=64",
+    ]
     urls = {}
     for name, batch in (("batched", args.clients), ("unbatched", 1)):
-        cfg = load_config(None, common + [f"serve.max_batch_size={batch}",
-                                          f"serve.batch_wait_timeout_s={args.batch_wait}"])
+        cfg = load_config(
+            None, common + [f"serve.max_batch_size={batch}", f"serve.batch_wait_timeout_s={args.batch_wait}"]
+        )
         urls[name] = start_app(args.model, cfg, name=name, route_prefix=f"/{name}")
     return urls, resolve_policy(args.model)[1]
 
@@ -111,13 +124,21 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--duration", type=float, default=35.0, help="measured seconds per deployment and round")
-    p.add_argument("--rounds", type=int, default=2,
-                   help="alternate batched/unbatched this many times (evens out other load on the machine)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="alternate batched/unbatched this many times (evens out other load on the machine)",
+    )
     p.add_argument("--warmup", type=float, default=15.0, help="unmeasured seconds before each measurement")
     p.add_argument("--cpus", type=float, default=1.0, help="CPUs (Ray resource) per replica")
     p.add_argument("--threads", type=int, default=1, help="torch threads per replica (same for both)")
-    p.add_argument("--batch-wait", type=float, default=0.1,
-                   help="serve.batch_wait_timeout_s of the batched deployment (a wave of requests through the proxy spreads over tens of ms)")
+    p.add_argument(
+        "--batch-wait",
+        type=float,
+        default=0.1,
+        help="serve.batch_wait_timeout_s of the batched deployment (a wave of requests through the proxy spreads over tens of ms)",
+    )
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args()
@@ -131,8 +152,11 @@ def main() -> None:
     try:
         for round_ in range(args.rounds):
             for name in runs:
-                print(f"round {round_ + 1}/{args.rounds}: {name} ({args.clients} clients, {args.tokens} tokens, "
-                      f"{args.duration:.0f} s)", flush=True)
+                print(
+                    f"round {round_ + 1}/{args.rounds}: {name} ({args.clients} clients, {args.tokens} tokens, "
+                    f"{args.duration:.0f} s)",
+                    flush=True,
+                )
                 run = asyncio.run(drive(urls[name], model, args.clients, args.tokens, args.duration, args.warmup))
                 runs[name].append(run)
                 print(f"  {len(run['latencies']) / args.duration:.2f} req/s", flush=True)
@@ -144,12 +168,18 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     ratio = results["batched"]["requests_per_s"] / results["unbatched"]["requests_per_s"]
-    print(f"\nmodel {args.model}, {args.clients} concurrent clients, {args.tokens}-token completions, "
-          f"{args.threads} torch thread(s) per replica")
-    print(f"{'deployment':<11} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} {'req/batch':>9} {'n':>5} {'err':>4}")
+    print(
+        f"\nmodel {args.model}, {args.clients} concurrent clients, {args.tokens}-token completions, "
+        f"{args.threads} torch thread(s) per replica"
+    )
+    print(
+        f"{'deployment':<11} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} {'req/batch':>9} {'n':>5} {'err':>4}"
+    )
     for name, r in results.items():
-        print(f"{name:<11} {r['requests_per_s']:7.2f} {r['tokens_per_s']:7.1f} {r['p50_latency_s']:7.2f} "
-              f"{r['p99_latency_s']:7.2f} {r['mean_requests_per_batch']:9.1f} {r['requests']:5d} {r['errors']:4d}")
+        print(
+            f"{name:<11} {r['requests_per_s']:7.2f} {r['tokens_per_s']:7.1f} {r['p50_latency_s']:7.2f} "
+            f"{r['p99_latency_s']:7.2f} {r['mean_requests_per_batch']:9.1f} {r['requests']:5d} {r['errors']:4d}"
+        )
     print(f"batched / unbatched requests per second: {ratio:.2f}x (target >= 4x)")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results, "ratio": ratio}, indent=2))

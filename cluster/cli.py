@@ -41,7 +41,9 @@ def cmd_train_rm(args: argparse.Namespace) -> None:
     print(f"reward model written to {metrics['path']}")
     line = f"held-out label accuracy {metrics['eval_accuracy']:.3f}"
     if "eval_spearman" in metrics:
-        line += f", gold-order agreement {metrics['eval_gold_agreement']:.3f}, gold Spearman {metrics['eval_spearman']:.3f}"
+        line += (
+            f", gold-order agreement {metrics['eval_gold_agreement']:.3f}, gold Spearman {metrics['eval_spearman']:.3f}"
+        )
     print(line + f" ({metrics['seconds']:.0f}s)")
 
 
@@ -78,8 +80,9 @@ def cmd_submit(args: argparse.Namespace) -> None:
     """Submit `alignray train` as a Ray job."""
     from cluster.jobs import SubmitSettings, runtime_env_from_environ, submit
 
-    how = SubmitSettings(address=args.address, follow=args.follow, resume=args.resume,
-                         runtime_env=runtime_env_from_environ())
+    how = SubmitSettings(
+        address=args.address, follow=args.follow, resume=args.resume, runtime_env=runtime_env_from_environ()
+    )
     submit(args.config, args.overrides, how)
 
 

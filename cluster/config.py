@@ -72,11 +72,18 @@ class Config(Settings):
 # ---- errors that name the field ---------------------------------------------------------------
 
 _TYPE_WORDS = {
-    "float_parsing": "expected a number", "float_type": "expected a number",
-    "int_parsing": "expected an integer", "int_type": "expected an integer", "int_from_float": "expected an integer",
-    "bool_parsing": "expected true or false", "bool_type": "expected true or false",
-    "finite_number": "expected a finite number", "string_type": "expected a string",
-    "dict_type": "expected a mapping", "model_type": "expected a mapping", "model_attributes_type": "expected a mapping",
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "int_parsing": "expected an integer",
+    "int_type": "expected an integer",
+    "int_from_float": "expected an integer",
+    "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false",
+    "finite_number": "expected a finite number",
+    "string_type": "expected a string",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
     "list_type": "expected a list",
 }
 _BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
@@ -102,11 +109,17 @@ def _annotation(loc: tuple) -> Any:
 
 def _bounds(tp: Any) -> str:
     """'a number in (0, 1]', 'an integer >= 1', ... from an annotation's constraints."""
-    base, meta = (typing.get_args(tp)[0], typing.get_args(tp)[1:]) if typing.get_origin(tp) is typing.Annotated else (tp, ())
+    base, meta = (
+        (typing.get_args(tp)[0], typing.get_args(tp)[1:]) if typing.get_origin(tp) is typing.Annotated else (tp, ())
+    )
     if typing.get_origin(base) is dict:
         return "a mapping of name to " + _bounds(typing.get_args(base)[1])
-    lo = next((("(", m.gt) for m in meta if isinstance(m, at.Gt)), None) or next((("[", m.ge) for m in meta if isinstance(m, at.Ge)), None)
-    hi = next(((")", m.lt) for m in meta if isinstance(m, at.Lt)), None) or next((("]", m.le) for m in meta if isinstance(m, at.Le)), None)
+    lo = next((("(", m.gt) for m in meta if isinstance(m, at.Gt)), None) or next(
+        (("[", m.ge) for m in meta if isinstance(m, at.Ge)), None
+    )
+    hi = next(((")", m.lt) for m in meta if isinstance(m, at.Lt)), None) or next(
+        (("]", m.le) for m in meta if isinstance(m, at.Le)), None
+    )
     kind = "an integer" if base is int else "a number"
     if lo and hi:
         return f"{kind} in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
@@ -135,6 +148,7 @@ def _message(err: dict) -> str:
 
 
 # ---- presets and overrides ----------------------------------------------------------------------
+
 
 def _parse_scalar(text: str) -> Any:
     """An override's right-hand side as YAML, so `3`, `1e-5`, `true` and `{a: 1}` work."""
@@ -175,8 +189,12 @@ def merge(base: dict[str, Any], extra: dict[str, Any], cls: type[Settings] = Con
     for key, value in extra.items():
         info = cls.model_fields.get(key)
         section = info.annotation if info is not None else None
-        if isinstance(section, type) and issubclass(section, Settings) and isinstance(value, dict) \
-                and isinstance(out.get(key), dict):
+        if (
+            isinstance(section, type)
+            and issubclass(section, Settings)
+            and isinstance(value, dict)
+            and isinstance(out.get(key), dict)
+        ):
             out[key] = merge(out[key], value, section)
         else:
             out[key] = value

@@ -33,8 +33,12 @@ def _rm_is_current(cfg: Config) -> bool:
 def _rm_key(cfg: Config) -> dict:
     """What the cached reward model depends on."""
     data = resolve_path(cfg.data.preferences)
-    return {"reward_model": config_to_dict(cfg)["reward_model"], "preferences": str(data),
-            "preferences_mtime": data.stat().st_mtime if data.exists() else None, "seed": cfg.run.seed}
+    return {
+        "reward_model": config_to_dict(cfg)["reward_model"],
+        "preferences": str(data),
+        "preferences_mtime": data.stat().st_mtime if data.exists() else None,
+        "seed": cfg.run.seed,
+    }
 
 
 def run_demo(cfg: Config, fresh: bool = False) -> dict:
@@ -50,8 +54,10 @@ def run_demo(cfg: Config, fresh: bool = False) -> dict:
     else:
         m = train_rm(cfg)
         (Path(cfg.reward_model.path) / "alignray_demo.json").write_text(json.dumps(_rm_key(cfg)))
-        print(f"reward model: held-out gold-order agreement {m.get('eval_gold_agreement', float('nan')):.3f}, "
-              f"Spearman {m.get('eval_spearman', float('nan')):.3f}")
+        print(
+            f"reward model: held-out gold-order agreement {m.get('eval_gold_agreement', float('nan')):.3f}, "
+            f"Spearman {m.get('eval_spearman', float('nan')):.3f}"
+        )
 
     _stage(2, STAGES[1], start)
     train(cfg, resume=False)

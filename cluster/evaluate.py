@@ -36,9 +36,20 @@ def _score_side(name, model, tok, rm, cfg: Config, prompts, prompt_tok, seed) ->
     texts = [tok.decode(r, skip_special_tokens=True).strip() for r in responses]
     rm_scores = rm.score(texts, prompts, cfg.reward_model.score_batch_size, normalize=cfg.env.reward_normalization)
     golds = gold_scores(texts)
-    return [{"model": name, "prompt": pr, "response": t, "rm_score": s, "gold_score": g, "kl": 0.0,
-             "length": len(r), "eos": bool(r and r[-1] == tok.eos_token_id), "_ids": r}
-            for pr, t, s, g, r in zip(prompts, texts, rm_scores, golds, responses)]
+    return [
+        {
+            "model": name,
+            "prompt": pr,
+            "response": t,
+            "rm_score": s,
+            "gold_score": g,
+            "kl": 0.0,
+            "length": len(r),
+            "eos": bool(r and r[-1] == tok.eos_token_id),
+            "_ids": r,
+        }
+        for pr, t, s, g, r in zip(prompts, texts, rm_scores, golds, responses)
+    ]
 
 
 def summarize(rows: list[dict]) -> dict[str, float]:
@@ -55,7 +66,11 @@ def evaluate(cfg: Config, policy: str, out_dir: str | Path | None = None) -> dic
     """Evaluate `policy` (run dir, checkpoint, HF dir or spec) against cfg.model.policy; write outputs."""
     torch.manual_seed(cfg.run.seed)
     policy_dir, _ = resolve_policy(policy)
-    out = Path(out_dir) if out_dir else (Path(policy) / "eval" if Path(policy).is_dir() else Path(cfg.run.output_dir) / "eval")
+    out = (
+        Path(out_dir)
+        if out_dir
+        else (Path(policy) / "eval" if Path(policy).is_dir() else Path(cfg.run.output_dir) / "eval")
+    )
     m = cfg.model
     ref, tok = load_causal_lm(m.policy, m.dtype, m.tiny_vocab_size)
     pol, _ = load_causal_lm(policy_dir, m.dtype) if policy_dir != m.policy else (ref, tok)
@@ -77,9 +92,13 @@ def evaluate(cfg: Config, policy: str, out_dir: str | Path | None = None) -> dic
         r.pop("_ids")
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), out / "samples.parquet")
-    summary = {"policy": policy_dir, "reference": m.policy, "prompts": len(prompts),
-               "reference_metrics": summarize([r for r in rows if r["model"] == "reference"]),
-               "policy_metrics": summarize(pol_rows)}
+    summary = {
+        "policy": policy_dir,
+        "reference": m.policy,
+        "prompts": len(prompts),
+        "reference_metrics": summarize([r for r in rows if r["model"] == "reference"]),
+        "policy_metrics": summarize(pol_rows),
+    }
     summary["gold_gain"] = summary["policy_metrics"]["gold_score"] - summary["reference_metrics"]["gold_score"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["text"] = format_summary(summary) + f"\nsamples and summary written to {out}"

@@ -59,6 +59,8 @@ class SubmitSettings(Settings):
     """Continue from the newest checkpoint under run.output_dir."""
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     """Extra runtime_env keys merged over the default (pip, env_vars, conda, image_uri, excludes...)."""
+
+
 EXCLUDES = [
     ".venv", "venv", ".git", "runs", "build", "**/__pycache__", "*.egg-info",
     ".pytest_cache", "*.tmp*", "*.ckpt", "*.safetensors", "*.gguf",
@@ -145,8 +147,11 @@ def connect(address: str | None):
         with _without_address_env():
             return JobSubmissionClient(url, headers=headers)
     except AuthenticationError as err:
-        what = (f"rejected the token from {source}" if token else
-                "requires a token and none was found ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+        what = (
+            f"rejected the token from {source}"
+            if token
+            else "requires a token and none was found ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
+        )
         raise fail(
             f"the Ray cluster at {url} {what}. Set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the "
             "cluster's token: `ray get-auth-token` on the head node prints it."
@@ -261,7 +266,10 @@ def submit(config: str | None, overrides: list[str], how: SubmitSettings) -> str
     print(job_id)
     hint = f" --address {url}" if how.address else ""
     if not how.follow:
-        print(f"follow with: alignray jobs logs {job_id}{hint}   (status: alignray jobs status {job_id}{hint})", file=sys.stderr)
+        print(
+            f"follow with: alignray jobs logs {job_id}{hint}   (status: alignray jobs status {job_id}{hint})",
+            file=sys.stderr,
+        )
         return job_id
     status = follow_logs(client, job_id)
     if status != "SUCCEEDED":

@@ -70,8 +70,10 @@ def samples_table(samples: Path, n: int = 8) -> str:
     lines = ["| prompt | reference (gold) | policy (gold, KL) |", "|---|---|---|"]
     for p in pol:
         r = ref[p["prompt"]]
-        lines.append(f"| {_cell(p['prompt'], 90)} | {_cell(r['response'])} ({r['gold_score']:+.2f}) "
-                     f"| {_cell(p['response'])} ({p['gold_score']:+.2f}, {p['kl']:.1f}) |")
+        lines.append(
+            f"| {_cell(p['prompt'], 90)} | {_cell(r['response'])} ({r['gold_score']:+.2f}) "
+            f"| {_cell(p['response'])} ({p['gold_score']:+.2f}, {p['kl']:.1f}) |"
+        )
     return "\n".join(lines)
 
 
@@ -85,13 +87,23 @@ def write_report(run_dir: str | Path) -> Path:
     if summary_path.exists():
         s = json.loads(summary_path.read_text())
         ref, pol = s["reference_metrics"], s["policy_metrics"]
-        parts += [f"Held-out evaluation on {s['prompts']} prompts: policy `{s['policy']}` against reference "
-                  f"`{s['reference']}`.", "", "| metric | reference | policy |", "|---|---|---|"]
+        parts += [
+            f"Held-out evaluation on {s['prompts']} prompts: policy `{s['policy']}` against reference "
+            f"`{s['reference']}`.",
+            "",
+            "| metric | reference | policy |",
+            "|---|---|---|",
+        ]
         parts += [f"| {k} | {ref[k]:.3f} | {pol[k]:.3f} |" for k in SUMMARY_METRICS]
         parts += ["", f"Gold-score gain: **{s['gold_gain']:+.3f}** (± {pol['gold_score_sem']:.3f} s.e.)", ""]
     parts += ["## Training curves", ""] + [f"![{p.stem}](report/{p.name})" for p in pngs] + [""]
     if (run / "eval" / "samples.parquet").exists():
-        parts += ["## Before and after: the same held-out prompts", "", samples_table(run / "eval" / "samples.parquet"), ""]
+        parts += [
+            "## Before and after: the same held-out prompts",
+            "",
+            samples_table(run / "eval" / "samples.parquet"),
+            "",
+        ]
     out = run / "report.md"
     out.write_text("\n".join(parts))
     return out

@@ -7,9 +7,27 @@ import math
 from pathlib import Path
 from typing import Any
 
-METRICS = ("iteration", "rm_score", "gold_score", "reward", "kl_ref", "kl_coef", "kl_coef_used", "entropy", "response_length",
-           "eos_rate", "episodes", "rollout_tokens_per_s", "learner_tokens_per_s", "policy_loss", "vf_loss",
-           "total_loss", "approx_kl", "clipfrac", "time_s")
+METRICS = (
+    "iteration",
+    "rm_score",
+    "gold_score",
+    "reward",
+    "kl_ref",
+    "kl_coef",
+    "kl_coef_used",
+    "entropy",
+    "response_length",
+    "eos_rate",
+    "episodes",
+    "rollout_tokens_per_s",
+    "learner_tokens_per_s",
+    "policy_loss",
+    "vf_loss",
+    "total_loss",
+    "approx_kl",
+    "clipfrac",
+    "time_s",
+)
 """Columns of ``metrics.csv`` (one row per iteration)."""
 
 

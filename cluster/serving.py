@@ -36,8 +36,9 @@ def application(model: str, cfg: Config, reward_model: str | None = None):
     """The Serve application for a policy (anything :func:`resolve_policy` takes) under a config."""
     spec, name = resolve_policy(model)
     settings = cfg.model.model_copy(update={"policy": spec})
-    return build_application(settings, cfg.serve.model_name or name, cfg.serve, api_key(cfg), reward_model,
-                             cfg.run.torch_threads)
+    return build_application(
+        settings, cfg.serve.model_name or name, cfg.serve, api_key(cfg), reward_model, cfg.run.torch_threads
+    )
 
 
 def build_app(args: dict[str, Any]):
@@ -55,12 +56,14 @@ def _check_port(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as err:
-            raise ConfigError(f"serve.port: cannot listen on {host}:{port} ({err.strerror}); "
-                              "pick another with serve.port=PORT") from err
+            raise ConfigError(
+                f"serve.port: cannot listen on {host}:{port} ({err.strerror}); pick another with serve.port=PORT"
+            ) from err
 
 
-def start_app(model: str, cfg: Config, reward_model: str | None = None, name: str = APP_NAME,
-              route_prefix: str = "/") -> str:
+def start_app(
+    model: str, cfg: Config, reward_model: str | None = None, name: str = APP_NAME, route_prefix: str = "/"
+) -> str:
     """Deploy the application on the connected Ray cluster (Serve started on serve.host:serve.port); return its URL."""
     from ray import serve
 

@@ -104,8 +104,12 @@ def _start_reward_actor(cfg: Config):
     r = cfg.rollout
     if r.reward_model_placement != "actor" or "reward_model" not in cfg.env.reward:
         return None
-    return start_reward_actor(cfg.reward_model.resolved(), num_gpus=r.reward_model_num_gpus, resources=r.reward_model_resources,
-                              torch_threads=cfg.run.torch_threads)
+    return start_reward_actor(
+        cfg.reward_model.resolved(),
+        num_gpus=r.reward_model_num_gpus,
+        resources=r.reward_model_resources,
+        torch_threads=cfg.run.torch_threads,
+    )
 
 
 def train_rm(cfg: Config) -> dict:
@@ -142,12 +146,16 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         metrics = _loop(algo, cfg, out, start, resumed=ckpt is not None)
         if rm_actor is not None:
             metrics["reward_actor"] = ray.get(rm_actor.stats.remote())
-            print(f"alignray: the shared reward-model actor scored {metrics['reward_actor']['texts']} texts "
-                  f"in {metrics['reward_actor']['batches']} batches")
+            print(
+                f"alignray: the shared reward-model actor scored {metrics['reward_actor']['texts']} texts "
+                f"in {metrics['reward_actor']['batches']} batches"
+            )
         model, tok = policy_model(algo)
         metrics["policy_dir"] = str(export_pretrained(model, tok, out / "policy"))
-        print(f"alignray: {metrics['iteration']} iterations; metrics in {out / 'metrics.csv'}, "
-              f"policy in {metrics['policy_dir']}")
+        print(
+            f"alignray: {metrics['iteration']} iterations; metrics in {out / 'metrics.csv'}, "
+            f"policy in {metrics['policy_dir']}"
+        )
         return metrics
 
 
@@ -162,9 +170,13 @@ def _loop(algo, cfg: Config, out: Path, start: int, resumed: bool) -> dict[str, 
             metrics = summarize(algo.train())
             log.write(metrics)
             it = metrics["iteration"]
-            bar.set_postfix(rm=f"{metrics['rm_score']:.3f}", gold=f"{metrics['gold_score']:.3f}",
-                            kl=f"{metrics['kl_ref']:.3f}", coef=f"{metrics['kl_coef']:.4f}",
-                            tok_s=f"{metrics['rollout_tokens_per_s']:.0f}")
+            bar.set_postfix(
+                rm=f"{metrics['rm_score']:.3f}",
+                gold=f"{metrics['gold_score']:.3f}",
+                kl=f"{metrics['kl_ref']:.3f}",
+                coef=f"{metrics['kl_coef']:.4f}",
+                tok_s=f"{metrics['rollout_tokens_per_s']:.0f}",
+            )
             if it % every == 0 or it == total:
                 metrics["checkpoint"] = str(save_checkpoint(algo, out, it))
     finally:

@@ -58,8 +58,15 @@ def sample_pairs(model, tok, prompts: list[str], cfg, batch: int, bar: tqdm, cac
         input_ids, mask = left_pad(ids, tok.pad_token_id)
         width = input_ids.shape[1]
         gen = model.generate(
-            input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-            max_new_tokens=cfg.env.max_new_tokens, num_return_sequences=2, pad_token_id=tok.pad_token_id,
+            input_ids=input_ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=cfg.env.max_new_tokens,
+            num_return_sequences=2,
+            pad_token_id=tok.pad_token_id,
         )
         texts = tok.batch_decode(gen[:, width:], skip_special_tokens=True)
         pairs = [(texts[2 * j].strip(), texts[2 * j + 1].strip()) for j in range(len(chunk))]
@@ -84,7 +91,7 @@ def all_pairs(prompts: list[str], pairs: list[tuple[str, str]]) -> tuple[list[st
     out_prompts, out_pairs = [], []
     for prompt, responses in by_prompt.items():
         for i, a in enumerate(responses):
-            for b in responses[i + 1:]:
+            for b in responses[i + 1 :]:
                 out_prompts.append(prompt)
                 out_pairs.append((a, b))
     return out_prompts, out_pairs
@@ -101,8 +108,16 @@ def label(prompts: list[str], pairs: list[tuple[str, str]], split: str, tau: flo
         sa, sb = gold[a], gold[b]
         p_a = 1.0 / (1.0 + math.exp(-(sa - sb) / tau))
         chosen, rejected, sc, sr = (a, b, sa, sb) if rng.random() < p_a else (b, a, sb, sa)
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "split": split,
-                     "chosen_score": sc, "rejected_score": sr})
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "split": split,
+                "chosen_score": sc,
+                "rejected_score": sr,
+            }
+        )
     return rows
 
 
@@ -113,8 +128,12 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pairing", choices=["all", "sampled"], default="all",
-                    help="train pairs: every two responses of a prompt (all) or one pair per draw (sampled)")
+    ap.add_argument(
+        "--pairing",
+        choices=["all", "sampled"],
+        default="all",
+        help="train pairs: every two responses of a prompt (all) or one pair per draw (sampled)",
+    )
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--out", default=str(DATA / "preferences.parquet"))
@@ -141,8 +160,12 @@ def main() -> None:
             kept = {(r["prompt"], r["chosen"]) for r in labelled} | {(r["prompt"], r["rejected"]) for r in labelled}
             drawn = [(p, pair) for p, pair in zip(prompts, pairs) if (p, pair[0]) in kept and (p, pair[1]) in kept]
             # Its own random stream, so the held-out draws below stay the same for either pairing.
-            labelled = label(*all_pairs([p for p, _ in drawn], [pair for _, pair in drawn]), split, args.tau,
-                             random.Random(f"all-pairs-{args.seed}"))
+            labelled = label(
+                *all_pairs([p for p, _ in drawn], [pair for _, pair in drawn]),
+                split,
+                args.tau,
+                random.Random(f"all-pairs-{args.seed}"),
+            )
         rows += labelled
     write_preferences(args.out, rows)
     print(f"{args.out}: {len(rows)} pairs in {time.time() - start:.0f}s")

@@ -15,21 +15,67 @@ from pathlib import Path
 
 from envs.data import write_prompts
 
-TITLE_A = "Midnight Silent Broken Golden Last Hidden Crimson Lost Frozen Electric Paper Wild Quiet Burning Distant".split()
-TITLE_B = "Harbor Garden Signal Kingdom Mirror River Empire Letters Horizon Machine Winter Orchard Echo Voyage Circus".split()
-GENRES = ["thriller", "comedy", "drama", "horror film", "romance", "documentary", "sci-fi epic",
-          "animated feature", "western", "musical", "crime story", "war film"]
-WHEN = ["last night", "on Sunday", "with my kids", "on a long flight", "at a festival screening",
-        "after hearing the hype", "on a rainy afternoon", "for the second time", "in an empty theater"]
-POSITIVE = ["I was pleasantly surprised", "the cast is superb", "it moved me more than I expected",
-            "the script is sharp and funny", "the photography is gorgeous", "I loved almost every minute",
-            "the lead gives a career-best performance", "it is a real crowd-pleaser"]
-NEGATIVE = ["I was bored within twenty minutes", "the dialogue is painfully clumsy", "it wastes a talented cast",
-            "the plot makes no sense", "the pacing is dreadful", "I regret buying the ticket",
-            "the ending ruins what came before", "the jokes fall flat"]
-NEUTRAL = ["I did not know what to expect", "it runs just over two hours", "it is based on a novel",
-           "the director's last film divided critics", "it was shot in three countries",
-           "the trailer gives little away", "it opens with a long silent scene", "it is the third in a series"]
+TITLE_A = (
+    "Midnight Silent Broken Golden Last Hidden Crimson Lost Frozen Electric Paper Wild Quiet Burning Distant".split()
+)
+TITLE_B = (
+    "Harbor Garden Signal Kingdom Mirror River Empire Letters Horizon Machine Winter Orchard Echo Voyage Circus".split()
+)
+GENRES = [
+    "thriller",
+    "comedy",
+    "drama",
+    "horror film",
+    "romance",
+    "documentary",
+    "sci-fi epic",
+    "animated feature",
+    "western",
+    "musical",
+    "crime story",
+    "war film",
+]
+WHEN = [
+    "last night",
+    "on Sunday",
+    "with my kids",
+    "on a long flight",
+    "at a festival screening",
+    "after hearing the hype",
+    "on a rainy afternoon",
+    "for the second time",
+    "in an empty theater",
+]
+POSITIVE = [
+    "I was pleasantly surprised",
+    "the cast is superb",
+    "it moved me more than I expected",
+    "the script is sharp and funny",
+    "the photography is gorgeous",
+    "I loved almost every minute",
+    "the lead gives a career-best performance",
+    "it is a real crowd-pleaser",
+]
+NEGATIVE = [
+    "I was bored within twenty minutes",
+    "the dialogue is painfully clumsy",
+    "it wastes a talented cast",
+    "the plot makes no sense",
+    "the pacing is dreadful",
+    "I regret buying the ticket",
+    "the ending ruins what came before",
+    "the jokes fall flat",
+]
+NEUTRAL = [
+    "I did not know what to expect",
+    "it runs just over two hours",
+    "it is based on a novel",
+    "the director's last film divided critics",
+    "it was shot in three countries",
+    "the trailer gives little away",
+    "it opens with a long silent scene",
+    "it is the third in a series",
+]
 TEMPLATES = [
     "I watched {title} {when}, and {phrase}. The",
     "{title} is a {genre}, and {phrase}. Honestly,",
@@ -51,8 +97,10 @@ def make_prompts(n: int, seed: int) -> list[str]:
     while len(out) < n:
         phrase = rng.choice(moods[len(out) % 3])
         text = rng.choice(TEMPLATES).format(
-            title=f"{rng.choice(TITLE_A)} {rng.choice(TITLE_B)}", genre=rng.choice(GENRES),
-            when=rng.choice(WHEN), phrase=phrase,
+            title=f"{rng.choice(TITLE_A)} {rng.choice(TITLE_B)}",
+            genre=rng.choice(GENRES),
+            when=rng.choice(WHEN),
+            phrase=phrase,
         )
         if text not in seen:
             seen.add(text)

@@ -12,6 +12,9 @@ import gymnasium as gym
 ENV_ID = "alignray/TextGeneration-v0"
 
 if ENV_ID not in gym.registry:
-    gym.register(ENV_ID, entry_point="envs.text_env:TextGenerationEnv",
-                 vector_entry_point="envs.text_vector_env:TextGenerationVectorEnv",
-                 kwargs={"settings": {"reward": {"gold": 1.0}}})
+    gym.register(
+        ENV_ID,
+        entry_point="envs.text_env:TextGenerationEnv",
+        vector_entry_point="envs.text_vector_env:TextGenerationVectorEnv",
+        kwargs={"settings": {"reward": {"gold": 1.0}}},
+    )

@@ -31,8 +31,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 PROMPT_COLUMNS = {"prompt": "text", "split": "split"}
 PREFERENCE_COLUMNS = {
-    "prompt": "text", "chosen": "text", "rejected": "text",
-    "split": "split", "chosen_score": "score", "rejected_score": "score",
+    "prompt": "text",
+    "chosen": "text",
+    "rejected": "text",
+    "split": "split",
+    "chosen_score": "score",
+    "rejected_score": "score",
 }
 REQUIRED_PROMPT = ("prompt",)
 REQUIRED_PREFERENCE = ("prompt", "chosen", "rejected")

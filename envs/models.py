@@ -147,7 +147,9 @@ def load_encoder(spec: str):
     if spec == "tiny":
         return tiny.encoder()
     where = resolve_model_dir(spec)
-    return _loading(spec, where, lambda: (AutoModel.from_pretrained(where).eval(), AutoTokenizer.from_pretrained(where)))
+    return _loading(
+        spec, where, lambda: (AutoModel.from_pretrained(where).eval(), AutoTokenizer.from_pretrained(where))
+    )
 
 
 def export_pretrained(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:

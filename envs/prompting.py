@@ -18,11 +18,12 @@ def chat_text(tokenizer, messages: list[dict[str, str]], chat_template: bool = T
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
-def prompt_ids(tokenizer, prompt: str, instruction: str = "", chat_template: bool = True,
-               max_prompt_tokens: int | None = None) -> list[int]:
+def prompt_ids(
+    tokenizer, prompt: str, instruction: str = "", chat_template: bool = True, max_prompt_tokens: int | None = None
+) -> list[int]:
     """Token ids of a prompt as one user turn (instruction + prompt), left-truncated to `max_prompt_tokens`."""
     content = f"{instruction}\n\n{prompt}" if instruction else prompt
-    return chat_ids(tokenizer, [{"role": "user", "content": content}], chat_template)[-(max_prompt_tokens or 0):]
+    return chat_ids(tokenizer, [{"role": "user", "content": content}], chat_template)[-(max_prompt_tokens or 0) :]
 
 
 def chat_ids(tokenizer, messages: list[dict[str, str]], chat_template: bool = True) -> list[int]:
@@ -37,6 +38,6 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
     return ids, mask

@@ -39,7 +39,9 @@ class RewardModelServer:
         self.pending: list[tuple[tuple, list[str], list[str] | None, asyncio.Future]] = []
         self.counts = {"texts": 0, "calls": 0, "batches": 0}
 
-    async def score(self, responses: list[str], prompts: list[str] | None = None, normalize: bool = False) -> list[float]:
+    async def score(
+        self, responses: list[str], prompts: list[str] | None = None, normalize: bool = False
+    ) -> list[float]:
         """``RewardModel.score`` of this request, computed together with whatever else arrived meanwhile."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
@@ -84,8 +86,13 @@ class RewardModelServer:
             raise RuntimeError("reward model health check failed: non-finite score")
 
 
-def start_reward_actor(settings: RewardModelSettings, num_gpus: float = 0.0, resources: dict[str, float] | None = None,
-                       torch_threads: int = 0, name: str = ACTOR_NAME) -> Any:
+def start_reward_actor(
+    settings: RewardModelSettings,
+    num_gpus: float = 0.0,
+    resources: dict[str, float] | None = None,
+    torch_threads: int = 0,
+    name: str = ACTOR_NAME,
+) -> Any:
     """Create the named actor (owned by the calling driver) and wait until its model is loaded.
 
     It asks for no CPU (it idles between rollout steps), ``num_gpus`` GPUs and the custom
@@ -93,9 +100,16 @@ def start_reward_actor(settings: RewardModelSettings, num_gpus: float = 0.0, res
     """
     import ray
 
-    actor = ray.remote(RewardModelServer).options(
-        name=name, num_cpus=0, num_gpus=num_gpus, resources=dict(resources or {}),
-    ).remote(settings, torch_threads=torch_threads)
+    actor = (
+        ray.remote(RewardModelServer)
+        .options(
+            name=name,
+            num_cpus=0,
+            num_gpus=num_gpus,
+            resources=dict(resources or {}),
+        )
+        .remote(settings, torch_threads=torch_threads)
+    )
     ray.get(actor.stats.remote())
     return actor
 
@@ -118,8 +132,10 @@ class RemoteRewardModel:
     def __init__(self, name: str = ACTOR_NAME):
         import ray
 
-        missing = (f"rollout.reward_model_placement='actor' but no reward-model actor {name!r} is running; "
-                   "`alignray train` starts it (envs.reward_actor.start_reward_actor) before building the algorithm")
+        missing = (
+            f"rollout.reward_model_placement='actor' but no reward-model actor {name!r} is running; "
+            "`alignray train` starts it (envs.reward_actor.start_reward_actor) before building the algorithm"
+        )
         if not ray.is_initialized():
             raise RuntimeError(missing + " (Ray is not even initialised here)")
         try:
@@ -127,8 +143,9 @@ class RemoteRewardModel:
         except ValueError as err:
             raise RuntimeError(missing) from err
 
-    def score(self, responses: list[str], prompts: list[str] | None = None, batch_size: int = 0,
-              normalize: bool = False) -> list[float]:
+    def score(
+        self, responses: list[str], prompts: list[str] | None = None, batch_size: int = 0, normalize: bool = False
+    ) -> list[float]:
         """Scores from the shared actor (it batches with its own ``score_batch_size``)."""
         import ray
 

@@ -101,13 +101,17 @@ class RewardModel(nn.Module):
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Tokenize a batch of texts (left-truncated to max_length)."""
         return self.tokenizer(
-            [t if t.strip() else "." for t in texts], padding=True, truncation=True,
-            max_length=self.max_length, return_tensors="pt",
+            [t if t.strip() else "." for t in texts],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         )
 
     @torch.no_grad()
-    def score(self, responses: list[str], prompts: list[str] | None = None, batch_size: int = 64,
-              normalize: bool = False) -> list[float]:
+    def score(
+        self, responses: list[str], prompts: list[str] | None = None, batch_size: int = 64, normalize: bool = False
+    ) -> list[float]:
         """Reward of each response (batched internally); `normalize` standardises with the saved stats."""
         was_training = self.training
         self.eval()
@@ -128,8 +132,13 @@ class RewardModel(nn.Module):
         self.encoder.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(out / HEAD_FILE))
-        meta = {"max_length": self.max_length, "include_prompt": self.include_prompt, "pooling": self.pooling,
-                "score_mean": self.score_mean, "score_std": self.score_std}
+        meta = {
+            "max_length": self.max_length,
+            "include_prompt": self.include_prompt,
+            "pooling": self.pooling,
+            "score_mean": self.score_mean,
+            "score_std": self.score_std,
+        }
         (out / META_FILE).write_text(json.dumps(meta, indent=2))
         return out
 
@@ -138,8 +147,10 @@ class RewardModel(nn.Module):
         """The absolute path of a trained reward-model directory; a ModelLoadError saying what to do if it is not one."""
         p = Path(path).expanduser().resolve()
         if not (p / META_FILE).exists() or not (p / HEAD_FILE).exists():
-            raise ModelLoadError(f"reward model {str(path)!r}: not a trained reward model directory "
-                                 f"(no {META_FILE}); run `alignray train-rm` first")
+            raise ModelLoadError(
+                f"reward model {str(path)!r}: not a trained reward model directory "
+                f"(no {META_FILE}); run `alignray train-rm` first"
+            )
         return p
 
     @classmethod
@@ -148,8 +159,13 @@ class RewardModel(nn.Module):
         p = cls.check_dir(path)
         meta = json.loads((p / META_FILE).read_text())
         encoder, tok = load_encoder(str(p))
-        rm = cls(encoder, tok, max_length=meta["max_length"], include_prompt=meta["include_prompt"],
-                 pooling=meta.get("pooling", "mean"))
+        rm = cls(
+            encoder,
+            tok,
+            max_length=meta["max_length"],
+            include_prompt=meta["include_prompt"],
+            pooling=meta.get("pooling", "mean"),
+        )
         rm.head.load_state_dict(load_file(str(p / HEAD_FILE)))
         rm.score_mean, rm.score_std = float(meta["score_mean"]), float(meta["score_std"]) or 1.0
         return rm.eval()

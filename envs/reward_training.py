@@ -112,7 +112,7 @@ def train_reward_model(rc: RewardModelSettings, pref_path: str | Path, seed: int
     if rc.max_pairs:
         train_rows = train_rows[: rc.max_pairs]
     all_rows = load_preferences(pref_path, None)
-    test_rows = [r for r in all_rows if r.get("split") == "test"] or train_rows[-max(1, len(train_rows) // 10):]
+    test_rows = [r for r in all_rows if r.get("split") == "test"] or train_rows[-max(1, len(train_rows) // 10) :]
     rm = RewardModel.untrained(rc)
     start = time.time()
     before = evaluate_rm(rm, test_rows, rc.score_batch_size)
@@ -126,10 +126,18 @@ def train_reward_model(rc: RewardModelSettings, pref_path: str | Path, seed: int
     after = evaluate_rm(rm, test_rows, rc.score_batch_size)
     out = rm.save(Path(rc.path))
     metrics = {
-        "path": str(out), "backbone": rc.backbone, "train_pairs": len(train_rows), "test_pairs": len(test_rows),
-        "seconds": round(time.time() - start, 1), "first_loss": losses[0], "final_loss": float(np.mean(losses[-20:])),
-        "losses": losses, "score_mean": rm.score_mean, "score_std": rm.score_std,
-        **{f"eval_{k}": v for k, v in after.items()}, **{f"untrained_{k}": v for k, v in before.items()},
+        "path": str(out),
+        "backbone": rc.backbone,
+        "train_pairs": len(train_rows),
+        "test_pairs": len(test_rows),
+        "seconds": round(time.time() - start, 1),
+        "first_loss": losses[0],
+        "final_loss": float(np.mean(losses[-20:])),
+        "losses": losses,
+        "score_mean": rm.score_mean,
+        "score_std": rm.score_std,
+        **{f"eval_{k}": v for k, v in after.items()},
+        **{f"untrained_{k}": v for k, v in before.items()},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -49,8 +49,9 @@ def gold_reward(batch: Finished) -> list[float]:
     return gold_scores(batch.responses)
 
 
-def compose(parts: dict[str, list[float]], weights: dict[str, float], reached_eos: Sequence[bool],
-            no_eos_penalty: float = 0.0) -> list[float]:
+def compose(
+    parts: dict[str, list[float]], weights: dict[str, float], reached_eos: Sequence[bool], no_eos_penalty: float = 0.0
+) -> list[float]:
     """Weighted sum of reward parts plus the no-EOS penalty for responses that never reached EOS."""
     n = len(reached_eos)
     total = [0.0] * n
@@ -90,8 +91,9 @@ class RewardFunction:
     def rm_reward(self, batch: Finished) -> list[float]:
         """The reward model's (optionally standardised) score of each response."""
         assert self.reward_model is not None
-        return self.reward_model.score(batch.responses, batch.prompts, batch_size=self.batch_size,
-                                       normalize=self.normalize)
+        return self.reward_model.score(
+            batch.responses, batch.prompts, batch_size=self.batch_size, normalize=self.normalize
+        )
 
     def __call__(self, batch: Finished) -> tuple[list[float], list[dict[str, float]]]:
         """(total reward of each response, {part: value} of each response); 'gold' is always reported."""

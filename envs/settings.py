@@ -18,8 +18,13 @@ from pydantic import BaseModel, ConfigDict
 class Settings(BaseModel):
     """Typed, validated settings: unknown keys, NaN/inf and out-of-range values are errors."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False,
-                              validate_assignment=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        use_attribute_docstrings=True,
+        allow_inf_nan=False,
+        validate_assignment=True,
+        validate_default=True,
+    )
 
 
 def describe(cls: type[Settings], prefix: str = "") -> Iterator[tuple[str, Any, str]]:

@@ -134,10 +134,17 @@ class EnvResources:
         return self._ids[index]
 
 
-def build_resources(settings: EnvSettings | dict | None = None, *, model: ModelSettings | None = None,
-                    data: DataSettings | None = None, prompts: list[str] | None = None,
-                    reward_model: RewardModelSettings | None = None, split: str = "train", seed: int = 0,
-                    shared_reward_actor: bool = False) -> EnvResources:
+def build_resources(
+    settings: EnvSettings | dict | None = None,
+    *,
+    model: ModelSettings | None = None,
+    data: DataSettings | None = None,
+    prompts: list[str] | None = None,
+    reward_model: RewardModelSettings | None = None,
+    split: str = "train",
+    seed: int = 0,
+    shared_reward_actor: bool = False,
+) -> EnvResources:
     """Load the tokenizer, prompts and reward function once (the arguments are :class:`TextGenerationEnv`'s)."""
     s = EnvSettings.model_validate(settings or {})
     model, data = model or ModelSettings(), data or DataSettings()
@@ -150,8 +157,9 @@ def build_resources(settings: EnvSettings | dict | None = None, *, model: ModelS
     elif "reward_model" in s.reward:
         rm = load_reward_model(reward_model or RewardModelSettings())
     batch = (reward_model or RewardModelSettings()).score_batch_size
-    fn = RewardFunction(dict(s.reward), rm, normalize=s.reward_normalization, no_eos_penalty=s.no_eos_penalty,
-                        batch_size=batch)
+    fn = RewardFunction(
+        dict(s.reward), rm, normalize=s.reward_normalization, no_eos_penalty=s.no_eos_penalty, batch_size=batch
+    )
     return EnvResources(s, tok, vocab, list(prompts), PromptStream(len(prompts), seed), fn)
 
 
@@ -160,8 +168,14 @@ class TextGenerationEnv(gym.Env):
 
     metadata = {"render_modes": ["ansi"]}
 
-    def __init__(self, settings: EnvSettings | dict | None = None, *, render_mode: str | None = None,
-                 resources: EnvResources | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        settings: EnvSettings | dict | None = None,
+        *,
+        render_mode: str | None = None,
+        resources: EnvResources | None = None,
+        **kwargs: Any,
+    ):
         self._owns_stream = resources is None
         self.res = resources or build_resources(settings, **kwargs)
         s = self.res.settings
@@ -170,10 +184,12 @@ class TextGenerationEnv(gym.Env):
         self.pad_id = int(self.res.tokenizer.pad_token_id)
         self.eos_id = int(self.res.tokenizer.eos_token_id)
         self.action_space = spaces.Discrete(self.res.vocab_size)
-        self.observation_space = spaces.Dict({
-            "input_ids": spaces.Box(0, self.res.vocab_size - 1, (self.max_len,), np.int64),
-            "length": spaces.Discrete(self.max_len + 1),
-        })
+        self.observation_space = spaces.Dict(
+            {
+                "input_ids": spaces.Box(0, self.res.vocab_size - 1, (self.max_len,), np.int64),
+                "length": spaces.Discrete(self.max_len + 1),
+            }
+        )
         self._tokens: list[int] = []
         self._prompt_len = 0
         self._prompt, self._index = "", -1
@@ -231,7 +247,7 @@ class TextGenerationEnv(gym.Env):
 
     def finished(self) -> tuple[str, str, int, bool]:
         """(response text, prompt, response tokens, reached EOS) of the current episode."""
-        response = self._tokens[self._prompt_len:]
+        response = self._tokens[self._prompt_len :]
         eos = bool(response) and response[-1] == self.eos_id
         text = self.res.tokenizer.decode(response, skip_special_tokens=True)
         return text, self._prompt, len(response), eos
@@ -239,8 +255,15 @@ class TextGenerationEnv(gym.Env):
     def end_info(self, total: float, parts: dict[str, float]) -> ResponseInfo:
         """The `info` of an episode's last step."""
         text, _, n, eos = self.finished()
-        return ResponseInfo(response_done=True, response=text, response_tokens=n, eos=eos, reward=total,
-                            reward_parts=parts, prompt_index=self._index)
+        return ResponseInfo(
+            response_done=True,
+            response=text,
+            response_tokens=n,
+            eos=eos,
+            reward=total,
+            reward_parts=parts,
+            prompt_index=self._index,
+        )
 
     def step(self, action):
         """Append `action`; at the end of the response score it (a batch of one)."""
@@ -257,4 +280,3 @@ class TextGenerationEnv(gym.Env):
         if self.render_mode == "ansi":
             return self._prompt + " ||| " + self.finished()[0]
         return None
-

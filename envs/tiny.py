@@ -22,8 +22,9 @@ def tokenizer() -> PreTrainedTokenizerFast:
     """A small word-level tokenizer with chat special tokens."""
     tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(SPECIALS + WORDS)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                  eos_token="</s>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     tok.backend_tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok.chat_template = (
         "{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' ' }}{% endfor %}"
@@ -32,16 +33,27 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def causal_lm(vocab_size: int = 512, seed: int = 0, config_class=LlamaConfig, model_class=LlamaForCausalLM,
-              **overrides):
+def causal_lm(
+    vocab_size: int = 512, seed: int = 0, config_class=LlamaConfig, model_class=LlamaForCausalLM, **overrides
+):
     """(a randomly initialised 2-layer causal LM in eval mode, the tiny tokenizer); vocab padded to `vocab_size`."""
     tok = tokenizer()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # the same weights every time, without moving anyone else's random stream
     config = config_class(
-        vocab_size=max(vocab_size, len(tok)), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **overrides)
+        vocab_size=max(vocab_size, len(tok)),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        **overrides,
+    )
     model = model_class(config).eval()
     torch.random.set_rng_state(generator_state)
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -53,8 +65,15 @@ def encoder(seed: int = 0):
     tok = tokenizer()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=256, pad_token_id=tok.pad_token_id)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+    )
     model = BertModel(config).eval()
     torch.random.set_rng_state(generator_state)
     return model, tok

@@ -21,8 +21,9 @@ from ray.rllib.utils.annotations import override
 from policies.ppo_math import gae
 
 
-def episode_gae(rewards: np.ndarray, values: np.ndarray, lens: list[int], ended: list[bool],
-                gamma: float, lambda_: float) -> tuple[np.ndarray, np.ndarray]:
+def episode_gae(
+    rewards: np.ndarray, values: np.ndarray, lens: list[int], ended: list[bool], gamma: float, lambda_: float
+) -> tuple[np.ndarray, np.ndarray]:
     """GAE over concatenated episode chunks, each ``len`` rows = its steps + one bootstrap row.
 
     rewards, values: (N,) with N = sum(lens). Bootstrap rows get advantage 0 and target V.
@@ -34,8 +35,8 @@ def episode_gae(rewards: np.ndarray, values: np.ndarray, lens: list[int], ended:
     for n, done in zip(lens, ended):
         T = n - 1
         boot = 0.0 if done else float(values[start + T])
-        a, t = gae(rewards[start:start + T], values[start:start + T], boot, gamma, lambda_)
-        adv[start:start + T], targets[start:start + T] = a, t
+        a, t = gae(rewards[start : start + T], values[start : start + T], boot, gamma, lambda_)
+        adv[start : start + T], targets[start : start + T] = a, t
         start += n
     assert start == len(values), (start, len(values))
     return adv, targets
@@ -44,7 +45,9 @@ def episode_gae(rewards: np.ndarray, values: np.ndarray, lens: list[int], ended:
 class TokenGAE(ConnectorV2):
     """Adds ``vf_preds``, ``advantages`` and ``value_targets`` to the batch (values from the reference features already there)."""
 
-    def __init__(self, input_observation_space=None, input_action_space=None, *, gamma: float, lambda_: float, **kwargs):
+    def __init__(
+        self, input_observation_space=None, input_action_space=None, *, gamma: float, lambda_: float, **kwargs
+    ):
         super().__init__(input_observation_space, input_action_space, **kwargs)
         self.gamma, self.lambda_ = gamma, lambda_
 

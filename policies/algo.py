@@ -79,14 +79,23 @@ def env_config(cfg: TrainingSections, seed: int) -> dict[str, Any]:
     """Keyword arguments of :class:`envs.text_env.TextGenerationEnv` (RLlib copies them to every EnvRunner)."""
     model = cfg.model.model_copy(update={"policy": absolute_spec(cfg.model.policy)})
     data = cfg.data.model_copy(update={"prompts": str(resolve_path(cfg.data.prompts).resolve())})
-    return {"settings": cfg.env, "model": model, "data": data, "reward_model": cfg.reward_model.resolved(), "seed": seed,
-            "shared_reward_actor": cfg.rollout.reward_model_placement == "actor"}
+    return {
+        "settings": cfg.env,
+        "model": model,
+        "data": data,
+        "reward_model": cfg.reward_model.resolved(),
+        "seed": seed,
+        "shared_reward_actor": cfg.rollout.reward_model_placement == "actor",
+    }
 
 
 def module_spec(cfg: TrainingSections) -> RLModuleSpec:
     """The RLModule spec of the LM policy."""
-    settings = ModuleSettings(model=cfg.model.model_copy(update={"policy": absolute_spec(cfg.model.policy)}),
-                              temperature=cfg.ppo.temperature, reference_dtype=cfg.ppo.reference_dtype)
+    settings = ModuleSettings(
+        model=cfg.model.model_copy(update={"policy": absolute_spec(cfg.model.policy)}),
+        temperature=cfg.ppo.temperature,
+        reference_dtype=cfg.ppo.reference_dtype,
+    )
     return RLModuleSpec(module_class=LMModule, model_config={"settings": settings.model_dump()})
 
 
@@ -112,18 +121,29 @@ def build_ppo_config(cfg: TrainingSections, seed: int) -> RLlibPPOConfig:
             rollout_fragment_length="auto",
         )
         .learners(
-            num_learners=r.num_learners, num_gpus_per_learner=r.num_gpus_per_learner, learner_class=LMPPOLearner,
+            num_learners=r.num_learners,
+            num_gpus_per_learner=r.num_gpus_per_learner,
+            learner_class=LMPPOLearner,
             custom_resources_per_learner=dict(r.custom_resources_per_learner),
             learner_config_dict={"ppo": p.model_dump()},
         )
         .rl_module(rl_module_spec=module_spec(cfg))
         .training(
-            lr=p.lr, grad_clip=p.grad_clip, grad_clip_by="global_norm",
-            train_batch_size_per_learner=per_learner, minibatch_size=minibatch, num_epochs=p.epochs,
+            lr=p.lr,
+            grad_clip=p.grad_clip,
+            grad_clip_by="global_norm",
+            train_batch_size_per_learner=per_learner,
+            minibatch_size=minibatch,
+            num_epochs=p.epochs,
             shuffle_batch_per_epoch=False,
-            gamma=p.gamma, lambda_=p.lambda_, clip_param=p.clip_param, vf_clip_param=p.vf_clip_param,
-            vf_loss_coeff=p.vf_loss_coeff, entropy_coeff=p.entropy_coeff,
-            use_kl_loss=False, kl_coeff=0.0,
+            gamma=p.gamma,
+            lambda_=p.lambda_,
+            clip_param=p.clip_param,
+            vf_clip_param=p.vf_clip_param,
+            vf_loss_coeff=p.vf_loss_coeff,
+            entropy_coeff=p.entropy_coeff,
+            use_kl_loss=False,
+            kl_coeff=0.0,
         )
         .callbacks([ResponseMetrics, DataPositions])
         .fault_tolerance(restart_failed_env_runners=r.restart_failed_env_runners)

@@ -23,9 +23,14 @@ def response_values(info: ResponseInfo | dict) -> dict[str, float] | None:
     if not info.get("response_done"):
         return None
     parts = info.get("reward_parts", {})
-    return {"count": 1.0, "rm_score": float(parts.get("reward_model", float("nan"))),
-            "gold": float(parts.get("gold", float("nan"))), "length": float(info["response_tokens"]),
-            "eos": float(info["eos"]), "reward": float(info["reward"])}
+    return {
+        "count": 1.0,
+        "rm_score": float(parts.get("reward_model", float("nan"))),
+        "gold": float(parts.get("gold", float("nan"))),
+        "length": float(info["response_tokens"]),
+        "eos": float(info["eos"]),
+        "reward": float(info["reward"]),
+    }
 
 
 class ResponseMetrics(RLlibCallback):
@@ -45,6 +50,7 @@ class ResponseMetrics(RLlibCallback):
 
 def data_positions(group) -> dict[int, dict]:
     """``{worker index: prompt-stream position}`` of every healthy EnvRunner that has an env (0 = local)."""
+
     def get(runner):
         env = getattr(runner, "env", None)
         return runner.worker_index or 0, (env.unwrapped.get_data_position() if env is not None else None)
@@ -54,6 +60,7 @@ def data_positions(group) -> dict[int, dict]:
 
 def set_data_positions(group, positions: dict[int, dict]) -> None:
     """Move the prompt stream of EnvRunner `idx` (0 = local) to ``positions[idx]``."""
+
     def put(runner):
         env, pos = getattr(runner, "env", None), positions.get(runner.worker_index or 0)
         if env is not None and pos is not None:
@@ -78,16 +85,21 @@ class DataPositions(RLlibCallback):
         now = data_positions(algorithm.env_runner_group)
         # A stream that went backwards belongs to an EnvRunner Ray restarted between two calls, so
         # RLlib never saw it fail (and never called on_env_runners_recreated): move it on as well.
-        behind = {idx: self.positions[idx] for idx, pos in now.items()
-                  if idx in self.positions and pos["seed"] == self.positions[idx]["seed"]
-                  and pos["position"] < self.positions[idx]["position"]}
+        behind = {
+            idx: self.positions[idx]
+            for idx, pos in now.items()
+            if idx in self.positions
+            and pos["seed"] == self.positions[idx]["seed"]
+            and pos["position"] < self.positions[idx]["position"]
+        }
         if behind:
             set_data_positions(algorithm.env_runner_group, behind)
         self.positions.update({**now, **behind})
 
     @override(RLlibCallback)
-    def on_env_runners_recreated(self, *, algorithm, env_runner_group, env_runner_indices, is_evaluation,
-                                 **kwargs) -> None:
+    def on_env_runners_recreated(
+        self, *, algorithm, env_runner_group, env_runner_indices, is_evaluation, **kwargs
+    ) -> None:
         lost = {idx: self.positions[idx] for idx in env_runner_indices if idx in self.positions}
         if lost and not is_evaluation:
             set_data_positions(env_runner_group, lost)

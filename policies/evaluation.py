@@ -18,17 +18,26 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 
 @torch.no_grad()
-def sample(model, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int,
-           batch_size: int = 32) -> list[list[int]]:
+def sample(
+    model, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int, batch_size: int = 32
+) -> list[list[int]]:
     """Sample one response (token ids, EOS kept, padding dropped) per prompt, in left-padded batches."""
     out: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[i : i + batch_size], tok.pad_token_id)
         torch.manual_seed(seed + i)
-        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=None,
-                             top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
-        for row in gen[:, ids.shape[1]:].tolist():
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=temperature,
+            top_k=None,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        for row in gen[:, ids.shape[1] :].tolist():
             if tok.eos_token_id in row:
                 row = row[: row.index(tok.eos_token_id) + 1]
             out.append(row)
@@ -36,8 +45,9 @@ def sample(model, tok, prompts: list[list[int]], max_new_tokens: int, temperatur
 
 
 @torch.no_grad()
-def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0,
-                      batch_size: int = 16) -> list[float]:
+def sequence_logprobs(
+    model, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0, batch_size: int = 16
+) -> list[float]:
     """Sum over response tokens of log pi(y_t | prefix) at the sampling temperature, one per pair.
 
     Right-padded batches of prompt + response (padding after the text cannot change a causal
@@ -54,8 +64,9 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
             ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s), 1
         hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
         rows = torch.tensor([j for j, r in enumerate(resp) for _ in r], dtype=torch.long)  # (N,)
-        pos = torch.tensor([len(s) - len(r) - 1 + t for s, r in zip(seqs, resp) for t in range(len(r))],
-                           dtype=torch.long)  # (N,) the position whose output predicts each response token
+        pos = torch.tensor(
+            [len(s) - len(r) - 1 + t for s, r in zip(seqs, resp) for t in range(len(r))], dtype=torch.long
+        )  # (N,) the position whose output predicts each response token
         targets = torch.tensor([tok for r in resp for tok in r], dtype=torch.long)  # (N,)
         totals = torch.zeros(len(seqs), dtype=torch.float64)
         if len(targets):

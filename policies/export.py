@@ -23,7 +23,7 @@ def policy_from_state(state: dict[str, Any], settings: ModuleSettings):
     """(HF causal LM, tokenizer) with the policy weights of an LMModule state dict."""
     m = settings.model
     model, tok = load_causal_lm(m.policy, m.dtype, m.tiny_vocab_size)
-    weights = {k[len("lm."):]: torch.as_tensor(v) for k, v in state.items() if k.startswith("lm.")}
+    weights = {k[len("lm.") :]: torch.as_tensor(v) for k, v in state.items() if k.startswith("lm.")}
     model.load_state_dict(weights, strict=True)
     return model.eval(), tok
 
@@ -72,6 +72,8 @@ def resolve_policy(model: str) -> tuple[str, str]:
         find_module_dir(path)  # a clear error if it is not a run or checkpoint either
         return str(checkpoint_to_hf(path, path / "hf_policy").resolve()), path.resolve().name
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ModelLoadError(f"model {model!r}: not a Hugging Face model directory (config.json), a run "
-                             "directory with an exported policy/, or an RLlib checkpoint")
+        raise ModelLoadError(
+            f"model {model!r}: not a Hugging Face model directory (config.json), a run "
+            "directory with an exported policy/, or an RLlib checkpoint"
+        )
     return model, model  # a hub id (needs a network)

@@ -73,8 +73,14 @@ class PrefixKVCache:
             self._prefill(lm, ids, lengths, miss)
         last = ids.gather(1, (lengths - 1)[:, None])  # (B, 1)
         mask = torch.cat([self.mask, torch.ones(len(ids), 1, dtype=torch.bool)], 1)  # (B, L + 1)
-        out = lm(input_ids=last.to(device), attention_mask=mask.to(device), position_ids=(lengths - 1)[:, None].to(device),
-                 use_cache=True, logits_to_keep=1, **cache_kwargs(lm, self.cache))
+        out = lm(
+            input_ids=last.to(device),
+            attention_mask=mask.to(device),
+            position_ids=(lengths - 1)[:, None].to(device),
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kwargs(lm, self.cache),
+        )
         self.mask = mask  # the model appended the new token to self.cache in place
         self._trim()
         self.prev_ids, self.prev_len = ids.clone(), lengths.clone()
@@ -107,17 +113,33 @@ class PrefixKVCache:
         src = (k + col - pad).clamp(min=0)
         x = torch.where(col >= pad, ids[rows].gather(1, src), 0)  # (R, S)
         pos = torch.where(col >= pad, k + col - pad, 0)
-        past = DynamicCache(ddp_cache_data=[(pk[:, :, :k].expand(len(rows), -1, -1, -1).contiguous(),
-                                             pv[:, :, :k].expand(len(rows), -1, -1, -1).contiguous())
-                                            for pk, pv in self.prefix_kv]) if k else DynamicCache()
+        past = (
+            DynamicCache(
+                ddp_cache_data=[
+                    (
+                        pk[:, :, :k].expand(len(rows), -1, -1, -1).contiguous(),
+                        pv[:, :, :k].expand(len(rows), -1, -1, -1).contiguous(),
+                    )
+                    for pk, pv in self.prefix_kv
+                ]
+            )
+            if k
+            else DynamicCache()
+        )
         if S:
-            lm.base_model(input_ids=x.to(lm.device), attention_mask=valid.to(lm.device), position_ids=pos.to(lm.device),
-                          use_cache=True, **cache_kwargs(lm.base_model, past))
+            lm.base_model(
+                input_ids=x.to(lm.device),
+                attention_mask=valid.to(lm.device),
+                position_ids=pos.to(lm.device),
+                use_cache=True,
+                **cache_kwargs(lm.base_model, past),
+            )
         if k < MIN_SHARED_PREFIX:  # remember this context as the prefix later prompts may share
             first = int(n[0])
             self.prefix_ids = ids[rows[0], :first].clone()
-            self.prefix_kv = [(lay.keys[:1, :, valid[0]].clone(), lay.values[:1, :, valid[0]].clone())
-                              for lay in past.layers]
+            self.prefix_kv = [
+                (lay.keys[:1, :, valid[0]].clone(), lay.values[:1, :, valid[0]].clone()) for lay in past.layers
+            ]
         else:
             self.prefix_ids = self.prefix_ids[:k]
         self._merge(past, rows, valid, L)
@@ -130,16 +152,22 @@ class PrefixKVCache:
         keep = valid.to(new.layers[0].keys.device)[:, None, :, None]  # zero the pad slots so no NaN can leak
         if len(self.cache.layers) == 0:  # first prefill: an all-masked cache of the right shape
             B = len(self.mask)
-            self.cache = DynamicCache(ddp_cache_data=[
-                (lay.keys.new_zeros(B, lay.keys.shape[1], width, lay.keys.shape[-1]),
-                 lay.values.new_zeros(B, lay.values.shape[1], width, lay.values.shape[-1])) for lay in new.layers])
+            self.cache = DynamicCache(
+                ddp_cache_data=[
+                    (
+                        lay.keys.new_zeros(B, lay.keys.shape[1], width, lay.keys.shape[-1]),
+                        lay.values.new_zeros(B, lay.values.shape[1], width, lay.values.shape[-1]),
+                    )
+                    for lay in new.layers
+                ]
+            )
         for layer, new_layer in zip(self.cache.layers, new.layers):
             layer.keys[rows] = 0.0
             layer.values[rows] = 0.0
-            layer.keys[rows, :, width - P:] = new_layer.keys * keep  # (R, H, P, D)
-            layer.values[rows, :, width - P:] = new_layer.values * keep
+            layer.keys[rows, :, width - P :] = new_layer.keys * keep  # (R, H, P, D)
+            layer.values[rows, :, width - P :] = new_layer.values * keep
         self.mask[rows] = False
-        self.mask[rows, width - P:] = valid
+        self.mask[rows, width - P :] = valid
 
     def _pad_left(self, extra: int) -> None:
         """Grow the cache by `extra` masked columns on the left."""

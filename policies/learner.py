@@ -123,8 +123,13 @@ class LMPPOLearner(PPOTorchLearner):
         lm = [p for p in self.get_parameters(self.module[module_id]) if all(p is not h for h in head)]
         vf_lr = PPOSettings.model_validate(config.learner_config_dict["ppo"]).vf_lr
         for name, params, lr in (("policy", lm, config.lr), ("value", head, vf_lr)):
-            self.register_optimizer(module_id=module_id, optimizer_name=name, params=params, lr_or_lr_schedule=lr,
-                                    optimizer=torch.optim.Adam(params, fused=True))
+            self.register_optimizer(
+                module_id=module_id,
+                optimizer_name=name,
+                params=params,
+                lr_or_lr_schedule=lr,
+                optimizer=torch.optim.Adam(params, fused=True),
+            )
 
     @override(PPOTorchLearner)
     def apply_gradients(self, gradients_dict) -> None:
@@ -150,7 +155,9 @@ class LMPPOLearner(PPOTorchLearner):
                 self.get_optimizer(module_id, name).step()
 
     @override(PPOTorchLearner)
-    def compute_loss_for_module(self, *, module_id, config, batch: dict[str, Any], fwd_out: dict[str, Any]) -> torch.Tensor:
+    def compute_loss_for_module(
+        self, *, module_id, config, batch: dict[str, Any], fwd_out: dict[str, Any]
+    ) -> torch.Tensor:
         module = self.module[module_id].unwrapped()
         mask = batch[Columns.LOSS_MASK].bool() if Columns.LOSS_MASK in batch else None  # (N,)
         advantages = batch[Postprocessing.ADVANTAGES]  # (N,)
@@ -159,19 +166,28 @@ class LMPPOLearner(PPOTorchLearner):
         logp, old_logp = fwd_out[LOGP], batch[Columns.ACTION_LOGP].float()  # (N,)
         policy_loss, clipfrac = pg_loss(logp, old_logp, advantages, config.clip_param, mask)
         values = module.compute_values(batch)  # (N,) the head on the batch's reference features
-        vf_loss = value_loss(values, batch[Columns.VF_PREDS], batch[Postprocessing.VALUE_TARGETS],
-                             config.vf_clip_param, mask)
+        vf_loss = value_loss(
+            values, batch[Columns.VF_PREDS], batch[Postprocessing.VALUE_TARGETS], config.vf_clip_param, mask
+        )
         entropy = masked_mean(fwd_out[ENTROPY], mask)
         entropy_coeff = self.entropy_coeff_schedulers_per_module[module_id].get_current_value()
         total = policy_loss + config.vf_loss_coeff * vf_loss - entropy_coeff * entropy
         with torch.no_grad():
             log_ratio = logp - old_logp
             approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
-        self.metrics.log_dict({
-            "policy_loss": policy_loss, "vf_loss": vf_loss, "entropy": entropy, "total_loss_pg": total,
-            "approx_kl": approx_kl, "clipfrac": clipfrac,
-            "value_mean": masked_mean(values.detach(), mask),
-        }, key=module_id, window=1)
+        self.metrics.log_dict(
+            {
+                "policy_loss": policy_loss,
+                "vf_loss": vf_loss,
+                "entropy": entropy,
+                "total_loss_pg": total,
+                "approx_kl": approx_kl,
+                "clipfrac": clipfrac,
+                "value_mean": masked_mean(values.detach(), mask),
+            },
+            key=module_id,
+            window=1,
+        )
         return total
 
     @override(PPOTorchLearner)

@@ -36,7 +36,8 @@ def pack_rows(input_ids: torch.Tensor, lengths: torch.Tensor) -> Packing:
     group = starts.long().cumsum(0) - 1  # (N,)
     G = int(group[-1]) + 1 if N else 0
     last = torch.zeros(G, dtype=torch.long, device=ids.device).scatter_reduce(
-        0, group, torch.arange(N, device=ids.device), reduce="amax", include_self=False)  # (G,) last row
+        0, group, torch.arange(N, device=ids.device), reduce="amax", include_self=False
+    )  # (G,) last row
     seq_lens = lengths[last]
     T = int(seq_lens.max()) if G else 0
     return Packing(ids[last, :T], seq_lens, group, lengths - 1)

@@ -29,7 +29,9 @@ def shape_rewards(rewards: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask:
     return torch.where(mask, rewards - kl_coef * kl, rewards)
 
 
-def gae(rewards: np.ndarray, values: np.ndarray, bootstrap: float, gamma: float, lambda_: float) -> tuple[np.ndarray, np.ndarray]:
+def gae(
+    rewards: np.ndarray, values: np.ndarray, bootstrap: float, gamma: float, lambda_: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Generalised advantage estimation over one episode (chunk).
 
     ``rewards``, ``values``: (T,); ``bootstrap``: V(s_T) after the last step (0 if the response ended).
@@ -61,8 +63,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8)
     return (x - mean) * torch.rsqrt(var + eps)
 
 
-def pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip: float,
-            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pg_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip: float, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate: ``mean(max(-A r, -A clip(r, 1-eps, 1+eps)))`` with ``r = exp(logp - old_logp)``.
 
     Returns (loss (), fraction of rows where the clipped term was active ()).
@@ -75,8 +78,9 @@ def pg_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor
     return loss, clipfrac
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, targets: torch.Tensor, clip: float,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, targets: torch.Tensor, clip: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """PPO2 clipped value loss ``0.5 mean(max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2))``. (N,) -> ()."""
     v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     losses = torch.maximum((values - targets) ** 2, (v_clipped - targets) ** 2)

@@ -38,8 +38,14 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: Param = 1.0) -> t
     return logits
 
 
-def sample_tokens(logits: torch.Tensor, temperature: Param = 1.0, top_k: int = 0, top_p: Param = 1.0,
-                  u: torch.Tensor | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: Param = 1.0,
+    top_k: int = 0,
+    top_p: Param = 1.0,
+    u: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row of logits (B, V) -> (tokens (B,), log-prob of each under the distribution drawn from (B,)).
 
     ``u`` (B,) are the uniforms to draw with (serving keeps one generator per request), else taken

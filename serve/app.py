@@ -9,7 +9,6 @@ steps. Every response carries ``x-alignray-batch-size`` (requests that shared it
 and ``/healthz`` reports the batch-size histogram of the replica.
 """
 
-
 import asyncio
 import time
 from collections import Counter
@@ -90,8 +89,10 @@ class ServeSettings(Settings):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
         if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
-                             f"({self.max_batch_size}), or batches can never fill")
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                f"({self.max_batch_size}), or batches can never fill"
+            )
         return self
 
 
@@ -142,8 +143,16 @@ def _sse(payload: str) -> str:
 class PolicyServer:
     """Serves one causal LM (and, through a handle, the reward model) over OpenAI-compatible HTTP."""
 
-    def __init__(self, model: ModelSettings, model_name: str, settings: ServeSettings, api_key: str = "",
-                 reward=None, reward_name: str | None = None, torch_threads: int = 0):
+    def __init__(
+        self,
+        model: ModelSettings,
+        model_name: str,
+        settings: ServeSettings,
+        api_key: str = "",
+        reward=None,
+        reward_name: str | None = None,
+        torch_threads: int = 0,
+    ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.engine = GenerationEngine.from_spec(model, max_tokens_limit=settings.max_tokens_limit)
@@ -174,7 +183,7 @@ class PolicyServer:
             while (step := await asyncio.to_thread(next, steps, None)) is not None:
                 out, k = [], 0
                 for jobs in requests:
-                    part, k = step[k:k + len(jobs)], k + len(jobs)
+                    part, k = step[k : k + len(jobs)], k + len(jobs)
                     out.append(StopIteration if all(d is None for d in part) else _Step(len(requests), part))
                 yield out
         finally:
@@ -190,8 +199,12 @@ class PolicyServer:
     async def _submit(self, jobs: list[GenerationJob]) -> tuple[int, AsyncIterator[list[Delta | None]]]:
         """Queue the jobs for batching; wait for the first step -> (requests in the batch, steps)."""
         if len(jobs) > self.max_batch_size:
-            raise APIError(400, f"This request asks for {len(jobs)} sequences (prompts x n) but the server "
-                                f"batches at most {self.max_batch_size} (serve.max_batch_size).", param="n")
+            raise APIError(
+                400,
+                f"This request asks for {len(jobs)} sequences (prompts x n) but the server "
+                f"batches at most {self.max_batch_size} (serve.max_batch_size).",
+                param="n",
+            )
         # Join the queue only when no generation runs: @serve.batch forms the next batch as soon as
         # its first request arrives, so requests trickling in during a long generation would
         # otherwise make a small batch that then waits; gathered here, they wake together.
@@ -203,22 +216,35 @@ class PolicyServer:
             yield first.deltas
             async for step in gen:
                 yield step.deltas
+
         return first.batch_requests, steps()
 
     # ---- routes -------------------------------------------------------------------------------
 
     def _check_model(self, model: str) -> None:
         if model != self.model_name:
-            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
+                param="model",
+                code="model_not_found",
+            )
 
     def _jobs(self, prompts: list[list[int]], body, max_tokens: int | None, default: int) -> list[GenerationJob]:
         """n jobs per prompt (seed + choice index, so choices differ but stay reproducible)."""
         jobs = []
         for ids in prompts:
-            job = self.engine.make_job(ids, max_tokens, body.temperature, body.top_p, body.stop, body.seed,
-                                       default_max_tokens=default, ignore_eos=body.ignore_eos,
-                                       param="messages" if isinstance(body, ChatCompletionRequest) else "prompt")
+            job = self.engine.make_job(
+                ids,
+                max_tokens,
+                body.temperature,
+                body.top_p,
+                body.stop,
+                body.seed,
+                default_max_tokens=default,
+                ignore_eos=body.ignore_eos,
+                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            )
             jobs += [replace(job, seed=None if body.seed is None else body.seed + j) for j in range(body.n or 1)]
         return jobs
 
@@ -228,8 +254,12 @@ class PolicyServer:
             await self.check_health()
         except RuntimeError as err:
             raise APIError(503, str(err), type="server_error", code="unhealthy") from err
-        return HealthResponse(model=self.model_name, max_batch_size=self.max_batch_size, batching=self.stats,
-                              rewards=self.reward is not None)
+        return HealthResponse(
+            model=self.model_name,
+            max_batch_size=self.max_batch_size,
+            batching=self.stats,
+            rewards=self.reward is not None,
+        )
 
     @app.get("/v1/models", responses=error_responses(401))
     async def models(self) -> ModelList:
@@ -250,52 +280,72 @@ class PolicyServer:
         headers = {BATCH_HEADER: str(batch)}
         prompt_tokens = sum(len(ids) for ids in encoded)
         if body.stream:
-            return StreamingResponse(self._stream_completion(body, steps, len(jobs), prompt_tokens),
-                                     media_type="text/event-stream", headers=headers)
+            return StreamingResponse(
+                self._stream_completion(body, steps, len(jobs), prompt_tokens),
+                media_type="text/event-stream",
+                headers=headers,
+            )
         choices = _Choices.empty(len(jobs))
         async for deltas in steps:
             choices.add(deltas)
         response.headers.update(headers)
         return CompletionResponse(
-            model=self.model_name, usage=_usage(prompt_tokens, choices),
-            choices=[CompletionChoice(index=i, text=t, finish_reason=f)
-                     for i, (t, f) in enumerate(zip(choices.texts, choices.finish))])
+            model=self.model_name,
+            usage=_usage(prompt_tokens, choices),
+            choices=[
+                CompletionChoice(index=i, text=t, finish_reason=f)
+                for i, (t, f) in enumerate(zip(choices.texts, choices.finish))
+            ],
+        )
 
     async def _stream_completion(self, body, steps, n_jobs: int, prompt_tokens: int) -> AsyncIterator[str]:
         cid, created, choices = new_id("cmpl"), int(time.time()), _Choices.empty(n_jobs)
         async for deltas in steps:
             choices.add(deltas)
-            out = [CompletionChoice(index=i, text=d.text, finish_reason=d.finish_reason)
-                   for i, d in enumerate(deltas) if d is not None and (d.text or d.finish_reason)]
+            out = [
+                CompletionChoice(index=i, text=d.text, finish_reason=d.finish_reason)
+                for i, d in enumerate(deltas)
+                if d is not None and (d.text or d.finish_reason)
+            ]
             if out:
-                yield _sse(CompletionResponse(id=cid, created=created, model=self.model_name, choices=out)
-                           .model_dump_json(exclude={"usage"}))
+                yield _sse(
+                    CompletionResponse(id=cid, created=created, model=self.model_name, choices=out).model_dump_json(
+                        exclude={"usage"}
+                    )
+                )
         if body.stream_options and body.stream_options.include_usage:
-            yield _sse(CompletionResponse(id=cid, created=created, model=self.model_name, choices=[],
-                                          usage=_usage(prompt_tokens, choices)).model_dump_json())
+            yield _sse(
+                CompletionResponse(
+                    id=cid, created=created, model=self.model_name, choices=[], usage=_usage(prompt_tokens, choices)
+                ).model_dump_json()
+            )
         yield _sse("[DONE]")
 
     @app.post("/v1/chat/completions", responses=error_responses(400, 401, 404, 413))
     async def chat_completions(self, body: ChatCompletionRequest, response: Response):
         self._check_model(body.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         ids = self.engine.encode_chat(messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         jobs = self._jobs([ids], body, max_tokens, default=self.engine.max_tokens_limit)
         batch, steps = await self._submit(jobs)
         headers = {BATCH_HEADER: str(batch)}
         if body.stream:
-            return StreamingResponse(self._stream_chat(body, steps, len(jobs), len(ids)),
-                                     media_type="text/event-stream", headers=headers)
+            return StreamingResponse(
+                self._stream_chat(body, steps, len(jobs), len(ids)), media_type="text/event-stream", headers=headers
+            )
         choices = _Choices.empty(len(jobs))
         async for deltas in steps:
             choices.add(deltas)
         response.headers.update(headers)
         return ChatCompletionResponse(
-            model=self.model_name, usage=_usage(len(ids), choices),
-            choices=[ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=f)
-                     for i, (t, f) in enumerate(zip(choices.texts, choices.finish))])
+            model=self.model_name,
+            usage=_usage(len(ids), choices),
+            choices=[
+                ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=f)
+                for i, (t, f) in enumerate(zip(choices.texts, choices.finish))
+            ],
+        )
 
     async def _stream_chat(self, body, steps, n_jobs: int, prompt_tokens: int) -> AsyncIterator[str]:
         cid, created, choices = new_id("chatcmpl"), int(time.time()), _Choices.empty(n_jobs)
@@ -307,8 +357,11 @@ class PolicyServer:
         yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(n_jobs)])
         async for deltas in steps:
             choices.add(deltas)
-            out = [ChatChunkChoice(index=i, delta=ChatDelta(content=d.text or None), finish_reason=d.finish_reason)
-                   for i, d in enumerate(deltas) if d is not None and (d.text or d.finish_reason)]
+            out = [
+                ChatChunkChoice(index=i, delta=ChatDelta(content=d.text or None), finish_reason=d.finish_reason)
+                for i, d in enumerate(deltas)
+                if d is not None and (d.text or d.finish_reason)
+            ]
             if out:
                 yield chunk(out)
         if body.stream_options and body.stream_options.include_usage:
@@ -318,10 +371,17 @@ class PolicyServer:
     @app.post("/v1/rewards", responses=error_responses(400, 401, 404, 413))
     async def rewards(self, body: RewardRequest) -> RewardResponse:
         if self.reward is None:
-            raise APIError(404, "No reward model is served here; start the server with --reward-model DIR.",
-                           code="rewards_not_served")
+            raise APIError(
+                404,
+                "No reward model is served here; start the server with --reward-model DIR.",
+                code="rewards_not_served",
+            )
         if body.model is not None and body.model != self.reward_name:
-            raise APIError(404, f"The reward model '{body.model}' does not exist; this server serves "
-                                f"'{self.reward_name}'.", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The reward model '{body.model}' does not exist; this server serves '{self.reward_name}'.",
+                param="model",
+                code="model_not_found",
+            )
         scores = await self.reward.score.remote(body.texts, body.prompts, body.normalize)
         return RewardResponse(model=self.reward_name, scores=scores)

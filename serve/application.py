@@ -19,19 +19,29 @@ def deployment_options(s: ServeSettings) -> dict[str, Any]:
     if s.min_replicas == s.max_replicas:
         opts["num_replicas"] = s.min_replicas
     else:
-        opts["autoscaling_config"] = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                                      "target_ongoing_requests": s.target_ongoing_requests}
+        opts["autoscaling_config"] = {
+            "min_replicas": s.min_replicas,
+            "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+        }
     return opts
 
 
-def build_application(model: ModelSettings, name: str, settings: ServeSettings, api_key: str = "",
-                      reward_model: str | None = None, torch_threads: int = 0):
+def build_application(
+    model: ModelSettings,
+    name: str,
+    settings: ServeSettings,
+    api_key: str = "",
+    reward_model: str | None = None,
+    torch_threads: int = 0,
+):
     """The Serve application for a policy (``model.policy`` is a spec or an HF directory), optionally with a reward model directory."""
     reward, reward_name = None, None
     if reward_model:
         path = RewardModel.check_dir(reward_model)
         reward_name = path.name
-        reward = RewardScorer.options(ray_actor_options={"num_cpus": settings.num_cpus_per_replica, "num_gpus": 0}).bind(
-            RewardModelSettings(path=str(path)), wait_s=settings.batch_wait_timeout_s, torch_threads=torch_threads)
+        reward = RewardScorer.options(
+            ray_actor_options={"num_cpus": settings.num_cpus_per_replica, "num_gpus": 0}
+        ).bind(RewardModelSettings(path=str(path)), wait_s=settings.batch_wait_timeout_s, torch_threads=torch_threads)
     policy = PolicyServer.options(**deployment_options(settings))
     return policy.bind(model, name, settings, api_key, reward, reward_name, torch_threads)

@@ -120,9 +120,18 @@ class GenerationEngine:
         """Token ids of a conversation, ready for the assistant turn (see :func:`envs.prompting.chat_text`)."""
         return chat_ids(self.tokenizer, messages)
 
-    def make_job(self, prompt_ids: list[int], max_tokens: int | None, temperature: float | None = None,
-                 top_p: float | None = None, stop: list[str] | None = None, seed: int | None = None,
-                 default_max_tokens: int = 16, param: str = "prompt", ignore_eos: bool = False) -> GenerationJob:
+    def make_job(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int | None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        default_max_tokens: int = 16,
+        param: str = "prompt",
+        ignore_eos: bool = False,
+    ) -> GenerationJob:
         """Check a prompt and its parameters against the model and the limits; build the job."""
         n_prompt = len(prompt_ids)
         if n_prompt == 0:
@@ -131,21 +140,34 @@ class GenerationEngine:
         if room < 1:
             raise InputError(
                 f"This model's maximum context length is {self.context_length} tokens, but the {param} "
-                f"has {n_prompt} tokens.", param=param, code="context_length_exceeded")
+                f"has {n_prompt} tokens.",
+                param=param,
+                code="context_length_exceeded",
+            )
         if max_tokens is None:
             max_tokens = min(default_max_tokens, self.max_tokens_limit, room)
         if max_tokens > self.max_tokens_limit:
-            raise InputError(f"max_tokens is {max_tokens}, more than this server's limit of "
-                             f"{self.max_tokens_limit} (serve.max_tokens_limit)", param="max_tokens")
+            raise InputError(
+                f"max_tokens is {max_tokens}, more than this server's limit of "
+                f"{self.max_tokens_limit} (serve.max_tokens_limit)",
+                param="max_tokens",
+            )
         if n_prompt + max_tokens > self.context_length:
             raise InputError(
                 f"This model's maximum context length is {self.context_length} tokens, but {n_prompt} "
-                f"prompt tokens plus max_tokens={max_tokens} exceed it.", param="max_tokens",
-                code="context_length_exceeded")
-        return GenerationJob(prompt_ids=list(prompt_ids), max_tokens=max_tokens,
-                             temperature=1.0 if temperature is None else temperature,
-                             top_p=1.0 if top_p is None else top_p, stop=list(stop or []), seed=seed,
-                             ignore_eos=ignore_eos)
+                f"prompt tokens plus max_tokens={max_tokens} exceed it.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return GenerationJob(
+            prompt_ids=list(prompt_ids),
+            max_tokens=max_tokens,
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            stop=list(stop or []),
+            seed=seed,
+            ignore_eos=ignore_eos,
+        )
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -153,16 +175,16 @@ class GenerationEngine:
         """Left-pad the prompts and run them once: (last logits (B, V), mask (B, T), cache, positions (B, 1))."""
         ids, mask = left_pad([j.prompt_ids for j in jobs], self.pad_id)  # (B, T)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], mask, out.cache, positions[:, -1:]
 
     def stream(self, jobs: list[GenerationJob]) -> Iterator[list[Delta | None]]:
         """Generate all jobs as one batch; per step, yield each job's :class:`Delta` (None once finished)."""
         if not jobs:
             return
-        generators = [torch.Generator().manual_seed(j.seed if j.seed is not None else random.getrandbits(63))
-                      for j in jobs]
+        generators = [
+            torch.Generator().manual_seed(j.seed if j.seed is not None else random.getrandbits(63)) for j in jobs
+        ]
         tokens: list[list[int]] = [[] for _ in jobs]
         sent = [0] * len(jobs)  # characters already returned per job
         done = [False] * len(jobs)
@@ -184,8 +206,13 @@ class GenerationEngine:
             with torch.inference_mode():
                 mask = torch.cat([mask, torch.ones((len(jobs), 1), dtype=mask.dtype)], dim=1)  # (B, T+1)
                 positions = positions + 1  # (B, 1)
-                out = self.model(input_ids=next_ids.unsqueeze(1), attention_mask=mask, position_ids=positions,
-                                 cache=cache, use_cache=True)
+                out = self.model(
+                    input_ids=next_ids.unsqueeze(1),
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=cache,
+                    use_cache=True,
+                )
                 logits, cache = out.logits[:, -1], out.cache
 
     def _advance(self, job: GenerationJob, tokens: list[int], token: int, sent: list[int], i: int) -> Delta:
@@ -204,7 +231,7 @@ class GenerationEngine:
         end = len(text) if finish else len(text) - _held_back(text, job.stop)
         if not finish and text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
             end = min(end, len(text) - 1)
-        delta = text[sent[i]:end] if end > sent[i] else ""
+        delta = text[sent[i] : end] if end > sent[i] else ""
         sent[i] = max(sent[i], end)
         return Delta(text=delta, finish_reason=finish, completion_tokens=len(tokens))
 
@@ -217,8 +244,15 @@ class GenerationEngine:
                 if d is not None:
                     texts[i] += d.text
                     last[i] = d
-        return [Completion(text=t, finish_reason=d.finish_reason, prompt_tokens=len(j.prompt_ids),
-                           completion_tokens=d.completion_tokens) for t, d, j in zip(texts, last, jobs)]
+        return [
+            Completion(
+                text=t,
+                finish_reason=d.finish_reason,
+                prompt_tokens=len(j.prompt_ids),
+                completion_tokens=d.completion_tokens,
+            )
+            for t, d, j in zip(texts, last, jobs)
+        ]
 
     def check_health(self) -> None:
         """Run one token through the model; raise RuntimeError if the logits are not finite."""

@@ -64,12 +64,18 @@ class GuardMiddleware:
         headers = dict(scope["headers"])
         key = getattr(state, "api_key", "")
         if key and not scope["path"].rstrip("/").endswith("/healthz") and not _bearer_ok(headers, key):
-            err = APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")
+            err = APIError(
+                401,
+                "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+            )
             return await _send_error(send, err, {"www-authenticate": "Bearer"})
         limit = getattr(state, "max_request_bytes", 1_000_000)
-        too_big = APIError(413, f"Request body is larger than this server's limit of {limit} bytes "
-                                "(serve.max_request_bytes).", code="request_too_large")
+        too_big = APIError(
+            413,
+            f"Request body is larger than this server's limit of {limit} bytes (serve.max_request_bytes).",
+            code="request_too_large",
+        )
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _send_error(send, too_big)
@@ -109,7 +115,10 @@ def _validation_message(err: dict) -> tuple[str, str | None]:
     param = ".".join(loc) or None
     kind = err.get("type", "")
     if kind == "json_invalid":
-        return f"We could not parse the JSON body of your request: {err.get('ctx', {}).get('error', err.get('msg'))}", None
+        return (
+            f"We could not parse the JSON body of your request: {err.get('ctx', {}).get('error', err.get('msg'))}",
+            None,
+        )
     if not loc:  # the body as a whole
         if kind == "missing":
             return "The request body is empty: send a JSON object.", None
@@ -156,7 +165,9 @@ def make_app() -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        message = f"{exc.detail}: {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+        message = (
+            f"{exc.detail}: {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+        )
         return error_response(APIError(exc.status_code, message, code=code), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(APIError)
@@ -170,7 +181,8 @@ def make_app() -> FastAPI:
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
-        return error_response(APIError(500, f"The server had an error while processing your request: {exc!r}",
-                                       type="server_error"))
+        return error_response(
+            APIError(500, f"The server had an error while processing your request: {exc!r}", type="server_error")
+        )
 
     return app

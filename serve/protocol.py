@@ -144,6 +144,7 @@ class RewardRequest(_Request):
 
 # ---- responses -------------------------------------------------------------------------------
 
+
 def new_id(prefix: str) -> str:
     """An OpenAI-style object id such as ``cmpl-3f2a...``."""
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -257,6 +258,7 @@ class HealthResponse(BaseModel):
 
 # ---- errors ----------------------------------------------------------------------------------
 
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -271,14 +273,21 @@ class ErrorResponse(BaseModel):
 class APIError(Exception):
     """An error the API reports to the client with an HTTP status and OpenAI's error body."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
     def body(self) -> dict:
-        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type,
-                                               param=self.param, code=self.code)).model_dump()
+        return ErrorResponse(
+            error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        ).model_dump()
 
 
 ERROR_STATUSES = {

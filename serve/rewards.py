@@ -11,5 +11,6 @@ from ray import serve
 
 from envs.reward_actor import RewardModelServer
 
-RewardScorer = serve.deployment(RewardModelServer, name="RewardScorer", max_ongoing_requests=64,
-                                health_check_period_s=10, health_check_timeout_s=30)
+RewardScorer = serve.deployment(
+    RewardModelServer, name="RewardScorer", max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=30
+)

@@ -66,7 +66,9 @@ def test_no_module_imports_in_a_circle():
         state[node] = 1
         for dep in sorted(g.get(node, ())):
             if state.get(dep) == 1:
-                cycles.append(" -> ".join(stack[stack.index(dep):] + [node, dep]) if dep in stack else f"{node} -> {dep}")
+                cycles.append(
+                    " -> ".join(stack[stack.index(dep) :] + [node, dep]) if dep in stack else f"{node} -> {dep}"
+                )
             elif dep not in state:
                 visit(dep, stack + [node])
         state[node] = 2

@@ -87,8 +87,10 @@ def learner_state(ckpt: Path) -> dict:
 
 def adam_steps(ckpt: Path) -> dict[str, float]:
     """Steps taken by each of the learner's optimizers (the policy's and the value head's)."""
-    return {name: max(float(s["step"]) for s in opt["state"]["state"].values())
-            for name, opt in learner_state(ckpt)["optimizer"].items()}
+    return {
+        name: max(float(s["step"]) for s in opt["state"]["state"].values())
+        for name, opt in learner_state(ckpt)["optimizer"].items()
+    }
 
 
 # --- the tests ------------------------------------------------------------------------------
@@ -117,9 +119,16 @@ def test_submit_and_finish_with_token_auth(cluster, client, tmp_path, capsys, mo
 def test_env_runners_land_on_the_tagged_node(cluster, client, tmp_path):
     rollout_node = rollout_node_ids(cluster)
     assert len(rollout_node) == 1
-    job_id = submit(cluster, tmp_path / "run", TINY + [
-        "rollout.num_env_runners=2", "rollout.num_cpus_per_env_runner=1",
-        f"rollout.custom_resources_per_env_runner={{{ROLLOUT}: 1}}"])
+    job_id = submit(
+        cluster,
+        tmp_path / "run",
+        TINY
+        + [
+            "rollout.num_env_runners=2",
+            "rollout.num_cpus_per_env_runner=1",
+            f"rollout.custom_resources_per_env_runner={{{ROLLOUT}: 1}}",
+        ],
+    )
     assert wait_done(client, job_id) == "SUCCEEDED", client.get_job_logs(job_id)[-4000:]
     runners = job_actors(cluster, client, job_id, "SingleAgentEnvRunner")
     assert len(runners) == 2
@@ -129,10 +138,20 @@ def test_env_runners_land_on_the_tagged_node(cluster, client, tmp_path):
 
 def test_env_runner_killed_mid_training_the_run_completes(cluster, client, tmp_path):
     out, total = tmp_path / "run", 10  # Ray takes a few (short) iterations to bring the victim back
-    job_id = submit(cluster, out, [
-        f"ppo.iterations={total}", "ppo.episodes_per_iteration=32", "env.max_new_tokens=8",
-        "rollout.num_env_runners=2", "rollout.num_cpus_per_env_runner=1", "rollout.num_envs_per_env_runner=4",
-        f"rollout.custom_resources_per_env_runner={{{ROLLOUT}: 1}}", "rollout.restart_failed_env_runners=true"])
+    job_id = submit(
+        cluster,
+        out,
+        [
+            f"ppo.iterations={total}",
+            "ppo.episodes_per_iteration=32",
+            "env.max_new_tokens=8",
+            "rollout.num_env_runners=2",
+            "rollout.num_cpus_per_env_runner=1",
+            "rollout.num_envs_per_env_runner=4",
+            f"rollout.custom_resources_per_env_runner={{{ROLLOUT}: 1}}",
+            "rollout.restart_failed_env_runners=true",
+        ],
+    )
     # After 2 iterations a stream that restarted at 0 would end the next iteration behind where it was.
     wait_for(lambda: len(iterations(out)) >= 2, 240, "two iterations", client, job_id)
     alive = [a for a in job_actors(cluster, client, job_id, "SingleAgentEnvRunner") if a["state"] == "ALIVE"]
@@ -143,13 +162,16 @@ def test_env_runner_killed_mid_training_the_run_completes(cluster, client, tmp_p
     assert killed_during < total, "the kill came too late to test anything"
     assert iterations(out) == list(range(1, total + 1))
     assert all(r["episodes"] > 0 for r in read_metrics(out / "metrics.csv"))
-    after = [a for a in job_actors(cluster, client, job_id, "SingleAgentEnvRunner")
-             if a["actor_id"] == victim["actor_id"]]
+    after = [
+        a for a in job_actors(cluster, client, job_id, "SingleAgentEnvRunner") if a["actor_id"] == victim["actor_id"]
+    ]
     assert after and int(after[0]["num_restarts"]) >= 1, "the killed EnvRunner was restarted"
     # Every EnvRunner's prompt stream went on from where it was (the tiny preset checkpoints every
     # iteration); a checkpoint taken while the victim was down has None for it.
-    saved = [json.loads((out / "checkpoints" / f"iter_{i:06d}" / "alignray_state.json").read_text())
-             ["data_positions"] for i in range(1, total + 1)]
+    saved = [
+        json.loads((out / "checkpoints" / f"iter_{i:06d}" / "alignray_state.json").read_text())["data_positions"]
+        for i in range(1, total + 1)
+    ]
     for runner in (1, 2):
         seen = [pos[runner]["position"] for pos in saved if pos[runner] is not None]
         assert seen == sorted(seen) and saved[-1][runner] is not None, f"EnvRunner {runner}'s positions: {seen}"
@@ -157,8 +179,13 @@ def test_env_runner_killed_mid_training_the_run_completes(cluster, client, tmp_p
 
 def test_killed_job_resumes_with_kl_optimizer_and_data_position(cluster, client, tmp_path, capsys):
     out, total = tmp_path / "run", 6
-    overrides = [f"ppo.iterations={total}", "run.checkpoint_every=1", "ppo.episodes_per_iteration=16",
-                 "rollout.num_env_runners=1", "rollout.num_cpus_per_env_runner=1"]
+    overrides = [
+        f"ppo.iterations={total}",
+        "run.checkpoint_every=1",
+        "ppo.episodes_per_iteration=16",
+        "rollout.num_env_runners=1",
+        "rollout.num_cpus_per_env_runner=1",
+    ]
     job_id = submit(cluster, out, overrides)
     ckpt_dir = out / "checkpoints"
     wait_for(lambda: (ckpt_dir / "iter_000002" / "alignray_state.json").exists(), 240, "checkpoint 2", client, job_id)
@@ -193,8 +220,11 @@ def test_killed_job_resumes_with_kl_optimizer_and_data_position(cluster, client,
 
 def test_two_learners_ddp_on_cpu(cluster, client, tmp_path):
     """Two remote Learners (torch DDP over gloo), pinned by a custom resource to the tagged node."""
-    job_id = submit(cluster, tmp_path / "run", TINY + [
-        "rollout.num_learners=2", f"rollout.custom_resources_per_learner={{{ROLLOUT}: 1}}"])
+    job_id = submit(
+        cluster,
+        tmp_path / "run",
+        TINY + ["rollout.num_learners=2", f"rollout.custom_resources_per_learner={{{ROLLOUT}: 1}}"],
+    )
     assert wait_done(client, job_id) == "SUCCEEDED", client.get_job_logs(job_id)[-4000:]
     mine = [a for a in cluster.actors() if a.get("job_id") == client.get_job_info(job_id).job_id]
     # RLlib runs remote Learners as Ray Train workers (torch.distributed, gloo on CPU)
@@ -210,9 +240,22 @@ def test_cli_follow_exits_nonzero_when_the_job_fails(cluster, client, tmp_path):
     """Through the real console script: a job that fails on the cluster fails `alignray submit --follow`."""
     alignray = str(Path(sys.executable).with_name("alignray"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    res = subprocess.run([alignray, "submit", "tiny", f"run.output_dir={tmp_path}/run", "data.prompts=no/such.parquet",
-                          "--follow", "--address", cluster.dashboard_url], env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [
+            alignray,
+            "submit",
+            "tiny",
+            f"run.output_dir={tmp_path}/run",
+            "data.prompts=no/such.parquet",
+            "--follow",
+            "--address",
+            cluster.dashboard_url,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 1, res.stderr[-3000:]
     job_id = res.stdout.splitlines()[0]
     assert "no/such.parquet: no such file" in res.stdout  # the job's own error, streamed

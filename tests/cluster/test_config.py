@@ -104,8 +104,12 @@ def test_an_override_of_every_mapping_field_replaces_the_presets_value(tmp_path)
                 yield f"{prefix}{name}"
 
     fields = list(mapping_fields(Config))
-    assert {"env.reward", "rollout.custom_resources_per_env_runner", "rollout.custom_resources_per_learner",
-            "rollout.reward_model_resources"} <= set(fields)
+    assert {
+        "env.reward",
+        "rollout.custom_resources_per_env_runner",
+        "rollout.custom_resources_per_learner",
+        "rollout.reward_model_resources",
+    } <= set(fields)
     preset = tmp_path / "p.yaml"
     sections: dict = {}
     for dotted in fields:

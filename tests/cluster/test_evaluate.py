@@ -17,10 +17,22 @@ from policies.evaluation import distinct_n
 
 @pytest.fixture()
 def tiny_cfg(tmp_path):
-    prompts = write_prompts(tmp_path / "prompts.parquet", ["the film was", "the plot is", "a movie", "the acting"],
-                            ["test", "test", "test", "train"])
-    return load_config(None, ["model.policy=tiny", "reward_model.backbone=tiny", f"reward_model.path={tmp_path / 'no_rm'}",
-                              f"data.prompts={prompts}", "run.eval_prompts=3", "env.max_new_tokens=5"])
+    prompts = write_prompts(
+        tmp_path / "prompts.parquet",
+        ["the film was", "the plot is", "a movie", "the acting"],
+        ["test", "test", "test", "train"],
+    )
+    return load_config(
+        None,
+        [
+            "model.policy=tiny",
+            "reward_model.backbone=tiny",
+            f"reward_model.path={tmp_path / 'no_rm'}",
+            f"data.prompts={prompts}",
+            "run.eval_prompts=3",
+            "env.max_new_tokens=5",
+        ],
+    )
 
 
 def test_distinct_n_by_hand():
@@ -60,7 +72,9 @@ def test_report_from_metrics_and_eval(tmp_path, tiny_cfg):
     run = tmp_path / "run"
     model, tok = tiny.causal_lm()
     export_pretrained(model, tok, run / "policy")
-    (run / "metrics.csv").write_text("iteration,rm_score,gold_score,kl_ref,kl_coef\n1,0.1,0.0,0.5,0.05\n2,0.3,0.2,1.5,0.06\n")
+    (run / "metrics.csv").write_text(
+        "iteration,rm_score,gold_score,kl_ref,kl_coef\n1,0.1,0.0,0.5,0.05\n2,0.3,0.2,1.5,0.06\n"
+    )
     evaluate(tiny_cfg, str(run), out_dir=run / "eval")
     report = write_report(run)
     text = report.read_text()
@@ -73,6 +87,7 @@ def test_report_from_metrics_and_eval(tmp_path, tiny_cfg):
 
 def test_batched_sequence_logprobs_match_one_pass_per_response():
     from policies.evaluation import sequence_logprobs
+
     lm, _ = load_causal_lm("tiny", tiny_vocab_size=64)
     prompts, responses = [[5, 6, 7], [8], [9, 10], [11, 12]], [[20, 21], [22, 23, 24, 25], [], [3]]
     want = []

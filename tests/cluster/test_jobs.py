@@ -15,8 +15,14 @@ from tests.fixtures.local_cluster import free_port
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
-    for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-              "ALIGNRAY_RUNTIME_ENV"):
+    for k in (
+        "RAY_ADDRESS",
+        "RAY_API_SERVER_ADDRESS",
+        "RAY_AUTH_MODE",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "ALIGNRAY_RUNTIME_ENV",
+    ):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.ray/auth_token unless a test writes one
 
@@ -96,7 +102,9 @@ def test_yaml_inside_the_repo_is_passed_by_relative_path():
 
 def test_yaml_outside_the_repo_is_inlined_as_overrides(tmp_path):
     own = tmp_path / "mine.yaml"
-    own.write_text("env:\n  instruction: 'Say: yes'\n  reward: {gold: 1.0}\nppo:\n  lr: 1.0e-5\nmodel:\n  policy: tiny\n")
+    own.write_text(
+        "env:\n  instruction: 'Say: yes'\n  reward: {gold: 1.0}\nppo:\n  lr: 1.0e-5\nmodel:\n  policy: tiny\n"
+    )
     cfg = load_config(own, ["run.seed=7"])
     args = jobs.train_args(str(own), ["run.seed=7"], cfg, local=False)
     assert args[0] == "demo"
@@ -107,12 +115,21 @@ def test_yaml_outside_the_repo_is_inlined_as_overrides(tmp_path):
 
 def test_entrypoint_and_resources():
     cmd = jobs.entrypoint(["tiny", "rollout.custom_resources_per_env_runner={rollout: 1}"], resume=True)
-    assert shlex.split(cmd) == ["sh", "cluster/job_entrypoint.sh", "train", "tiny",
-                                "rollout.custom_resources_per_env_runner={rollout: 1}", "--resume"]
+    assert shlex.split(cmd) == [
+        "sh",
+        "cluster/job_entrypoint.sh",
+        "train",
+        "tiny",
+        "rollout.custom_resources_per_env_runner={rollout: 1}",
+        "--resume",
+    ]
     assert jobs.entrypoint_resources(load_config("tiny")) == {}
     gpu_driver = load_config("tiny", ["rollout.num_learners=0", "rollout.num_gpus_per_learner=1"])
     assert jobs.entrypoint_resources(gpu_driver) == {"entrypoint_num_gpus": 1.0}
-    assert jobs.entrypoint_resources(load_config("tiny", ["rollout.num_learners=2", "rollout.num_gpus_per_learner=1"])) == {}
+    assert (
+        jobs.entrypoint_resources(load_config("tiny", ["rollout.num_learners=2", "rollout.num_gpus_per_learner=1"]))
+        == {}
+    )
 
 
 def test_runtime_env_default_and_extra(monkeypatch, tmp_path):
@@ -134,8 +151,9 @@ def test_runtime_env_default_and_extra(monkeypatch, tmp_path):
 def _run_launcher(parent_args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run the launcher script as a child of a Python process whose command line is `parent_args`."""
     code = "import subprocess,sys; sys.exit(subprocess.run(['sh','cluster/job_entrypoint.sh','config','show','tiny']).returncode)"
-    return subprocess.run([sys.executable, "-c", code, *parent_args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code, *parent_args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_launcher_script_uses_the_raylets_worker_python(tmp_path):

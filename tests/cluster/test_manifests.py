@@ -182,7 +182,9 @@ def test_outputs_on_the_shared_volume(raycluster, cfg):
     for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
         mounts = [m["mountPath"] for m in container(g)["volumeMounts"]]
         for path in (cfg.run.output_dir, cfg.reward_model.path):
-            assert any(path.startswith(m + "/") for m in mounts), f"{path} not on a volume of {g.get('groupName', 'head')}"
+            assert any(path.startswith(m + "/") for m in mounts), (
+                f"{path} not on a volume of {g.get('groupName', 'head')}"
+            )
 
 
 # --- cluster launcher ----------------------------------------------------------------------

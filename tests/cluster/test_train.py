@@ -16,8 +16,16 @@ from cluster.train import STATE_FILE, latest_checkpoint, train
 from envs.data import write_prompts
 from envs.models import load_causal_lm
 
-PROMPTS = ["the film was great", "I hated this movie", "the plot was bad", "a wonderful story",
-           "the acting was terrible", "I loved the music", "the ending was boring", "a fun movie"]
+PROMPTS = [
+    "the film was great",
+    "I hated this movie",
+    "the plot was bad",
+    "a wonderful story",
+    "the acting was terrible",
+    "I loved the music",
+    "the ending was boring",
+    "a fun movie",
+]
 
 
 def tiny_cfg(tmp, **over):
@@ -68,8 +76,12 @@ def test_resume_continues_from_saved_iteration(run):
     rows = read_metrics(tmp / "run" / "metrics.csv")
     assert [r["iteration"] for r in rows] == [1, 2, 3]
     assert rows[2]["kl_coef_used"] == pytest.approx(saved_coef)  # not the initial 0.05
-    positions = [json.loads((tmp / "run" / "checkpoints" / f"iter_00000{i}" / STATE_FILE).read_text())
-                 ["data_positions"][0]["position"] for i in (2, 3)]
+    positions = [
+        json.loads((tmp / "run" / "checkpoints" / f"iter_00000{i}" / STATE_FILE).read_text())["data_positions"][0][
+            "position"
+        ]
+        for i in (2, 3)
+    ]
     assert positions[1] > positions[0]  # the prompt stream went on from where it was
     assert not ray.is_initialized()
 
@@ -111,7 +123,13 @@ def test_reward_actor_options_come_from_the_config(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(train_module, "start_reward_actor", lambda *args, **kw: seen.update(kw, args=args))
     assert train_module._start_reward_actor(tiny_cfg(tmp_path)) is None  # placement 'local': no actor
-    cfg = tiny_cfg(tmp_path, **{"rollout.reward_model_placement": "actor", "rollout.reward_model_num_gpus": 0.5,
-                                "rollout.reward_model_resources": "{rm: 1}"})
+    cfg = tiny_cfg(
+        tmp_path,
+        **{
+            "rollout.reward_model_placement": "actor",
+            "rollout.reward_model_num_gpus": 0.5,
+            "rollout.reward_model_resources": "{rm: 1}",
+        },
+    )
     train_module._start_reward_actor(cfg)
     assert seen["num_gpus"] == 0.5 and seen["resources"] == {"rm": 1.0} and seen["args"][0].backbone == "tiny"

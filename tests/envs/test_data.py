@@ -7,8 +7,14 @@ import pytest
 from envs.data import REPO_ROOT, DataError, load_preferences, load_prompts, write_preferences, write_prompts
 from envs.gold import gold_score
 
-ROW = {"prompt": "The film", "chosen": "was wonderful", "rejected": "was awful", "split": "train",
-       "chosen_score": 0.57, "rejected_score": -0.46}
+ROW = {
+    "prompt": "The film",
+    "chosen": "was wonderful",
+    "rejected": "was awful",
+    "split": "train",
+    "chosen_score": 0.57,
+    "rejected_score": -0.46,
+}
 
 
 def test_shipped_prompts_are_valid_and_split():
@@ -55,11 +61,24 @@ def _write(tmp_path, **columns):
     [
         ({"prompt": ["p"], "chosen": ["c"]}, "missing column 'rejected'"),
         ({"prompt": ["p", "q"], "chosen": ["c", " "], "rejected": ["r", "r"]}, "row 1, column 'chosen': empty text"),
-        ({"prompt": ["p", None], "chosen": ["c", "c"], "rejected": ["r", "r"]}, "row 1, column 'prompt': expected a string"),
+        (
+            {"prompt": ["p", None], "chosen": ["c", "c"], "rejected": ["r", "r"]},
+            "row 1, column 'prompt': expected a string",
+        ),
         ({"prompt": ["p"], "chosen": ["c"], "rejected": [3]}, "row 0, column 'rejected': expected a string"),
-        ({"prompt": ["p"], "chosen": ["c"], "rejected": ["r"], "chosen_score": [float("nan")]}, "row 0, column 'chosen_score': score is nan"),
+        (
+            {"prompt": ["p"], "chosen": ["c"], "rejected": ["r"], "chosen_score": [float("nan")]},
+            "row 0, column 'chosen_score': score is nan",
+        ),
         ({"prompt": ["p"], "chosen": ["c"], "rejected": ["r"], "split": ["dev"]}, "split must be one of"),
-        ({"prompt": pa.array([], pa.string()), "chosen": pa.array([], pa.string()), "rejected": pa.array([], pa.string())}, "has no rows"),
+        (
+            {
+                "prompt": pa.array([], pa.string()),
+                "chosen": pa.array([], pa.string()),
+                "rejected": pa.array([], pa.string()),
+            },
+            "has no rows",
+        ),
     ],
 )
 def test_bad_preference_files(tmp_path, columns, message):
@@ -83,6 +102,7 @@ def test_missing_and_corrupt_files(tmp_path):
 
 def test_all_pairs_compares_every_two_responses_of_a_prompt():
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("make_preferences", REPO_ROOT / "data/make_preferences.py")
     mp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mp)

@@ -28,8 +28,9 @@ def test_requests_with_different_options_are_not_mixed():
     server = RewardModelServer(TINY, wait_s=0.01)
 
     async def two_kinds():
-        return await asyncio.gather(server.score(["great"], normalize=False),
-                                    server.score(["bad"], prompts=["p"], normalize=False))
+        return await asyncio.gather(
+            server.score(["great"], normalize=False), server.score(["bad"], prompts=["p"], normalize=False)
+        )
 
     raw, with_prompt = asyncio.run(two_kinds())
     assert raw == pytest.approx(server.rm.score(["great"]), abs=1e-5)
@@ -41,5 +42,9 @@ def test_env_without_the_actor_fails_clearly():
     with pytest.raises(RuntimeError, match="no reward-model actor 'alignray-reward-model' is running"):
         RemoteRewardModel()
     with pytest.raises(RuntimeError, match="reward_model_placement='actor'"):
-        build_resources({"reward": {"reward_model": 1.0}}, model=ModelSettings(policy="tiny"), prompts=["a prompt"],
-                        shared_reward_actor=True)
+        build_resources(
+            {"reward": {"reward_model": 1.0}},
+            model=ModelSettings(policy="tiny"),
+            prompts=["a prompt"],
+            shared_reward_actor=True,
+        )

@@ -24,8 +24,17 @@ def test_bradley_terry_loss_by_hand():
 def _pairs(n, split):
     good = ["great fun", "wonderful acting", "loved the story", "the best film", "really good music"]
     bad = ["terrible plot", "awful acting", "hated the ending", "the worst film", "really boring music"]
-    return [{"prompt": "the film", "chosen": good[i % 5], "rejected": bad[(i * 3) % 5], "split": split,
-             "chosen_score": 0.6, "rejected_score": -0.6} for i in range(n)]
+    return [
+        {
+            "prompt": "the film",
+            "chosen": good[i % 5],
+            "rejected": bad[(i * 3) % 5],
+            "split": split,
+            "chosen_score": 0.6,
+            "rejected_score": -0.6,
+        }
+        for i in range(n)
+    ]
 
 
 def test_training_lowers_loss_and_changes_every_parameter(tmp_path):
@@ -77,6 +86,7 @@ def test_prompt_batches_keep_groups_together_and_cover_every_pair():
     import random
 
     from envs.reward_training import prompt_batches
+
     rows = [{"prompt": p} for p in "aaabbcaab"]  # a: 5 pairs, b: 3, c: 1
     batches = prompt_batches(rows, 4, random.Random(0))
     assert sorted(i for b in batches for i in b) == list(range(9))
@@ -87,10 +97,13 @@ def test_prompt_batches_keep_groups_together_and_cover_every_pair():
 
 def test_pair_scores_encode_each_distinct_text_once():
     from envs.reward_training import _pair_scores
+
     rm = RewardModel.untrained(TINY).eval()
-    rows = [{"prompt": "p", "chosen": "great", "rejected": "awful"},
-            {"prompt": "p", "chosen": "great", "rejected": "boring"},
-            {"prompt": "p", "chosen": "boring", "rejected": "awful"}]
+    rows = [
+        {"prompt": "p", "chosen": "great", "rejected": "awful"},
+        {"prompt": "p", "chosen": "great", "rejected": "boring"},
+        {"prompt": "p", "chosen": "boring", "rejected": "awful"},
+    ]
     seen = []
     orig = rm.encode
     rm.encode = lambda texts: seen.append(list(texts)) or orig(texts)
@@ -108,7 +121,10 @@ def test_normalisation_stats_cover_the_distinct_responses_of_every_prompt(tmp_pa
     # Rows come grouped by prompt: 1,000 comparisons of prompt A first, then prompt B's. The stats must
     # weigh each distinct response once, B's included, not just whatever the first rows hold.
     a = [{"prompt": "A", "chosen": "great fun", "rejected": "awful acting"}] * 1000
-    b = [{"prompt": "B", "chosen": f"a wonderful film number {i}", "rejected": f"a boring film number {i}"} for i in range(4)]
+    b = [
+        {"prompt": "B", "chosen": f"a wonderful film number {i}", "rejected": f"a boring film number {i}"}
+        for i in range(4)
+    ]
     rows = [{**r, "split": "train", "chosen_score": 0.6, "rejected_score": -0.6} for r in a + b]
     data = write_preferences(tmp_path / "p.parquet", rows + [{**rows[-1], "split": "test"}])
     train_reward_model(TINY.model_copy(update={"path": str(tmp_path / "rm"), "epochs": 1, "batch_size": 128}), data)

@@ -21,8 +21,11 @@ def prompts(tmp_path):
 
 def kwargs(prompts, **extra):
     settings = EnvSettings(max_new_tokens=4, max_prompt_tokens=12, instruction="", reward={"gold": 1.0, "length": 0.5})
-    return {"settings": settings.model_copy(update=extra), "data": DataSettings(prompts=prompts),
-            "model": ModelSettings(policy="tiny", tiny_vocab_size=64)}
+    return {
+        "settings": settings.model_copy(update=extra),
+        "data": DataSettings(prompts=prompts),
+        "model": ModelSettings(policy="tiny", tiny_vocab_size=64),
+    }
 
 
 def rollout(env, seed, actions):

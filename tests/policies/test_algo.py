@@ -7,12 +7,23 @@ from policies.lm_module import LMModule
 
 
 def test_scaling_and_ppo_knobs_reach_rllib():
-    cfg = load_config("tiny", ["rollout.num_env_runners=3", "rollout.num_envs_per_env_runner=16",
-                               "rollout.num_learners=2", "rollout.num_gpus_per_learner=0.5",
-                               "rollout.num_gpus_per_env_runner=0.25", "rollout.num_cpus_per_env_runner=2",
-                               "rollout.custom_resources_per_env_runner={rollout_node: 1}",
-                               "rollout.restart_failed_env_runners=false", "run.seed=7",
-                               "ppo.episodes_per_iteration=32", "ppo.minibatch_episodes=8", "env.max_new_tokens=10"])
+    cfg = load_config(
+        "tiny",
+        [
+            "rollout.num_env_runners=3",
+            "rollout.num_envs_per_env_runner=16",
+            "rollout.num_learners=2",
+            "rollout.num_gpus_per_learner=0.5",
+            "rollout.num_gpus_per_env_runner=0.25",
+            "rollout.num_cpus_per_env_runner=2",
+            "rollout.custom_resources_per_env_runner={rollout_node: 1}",
+            "rollout.restart_failed_env_runners=false",
+            "run.seed=7",
+            "ppo.episodes_per_iteration=32",
+            "ppo.minibatch_episodes=8",
+            "env.max_new_tokens=10",
+        ],
+    )
     c = build_ppo_config(cfg, cfg.run.seed)
     assert (c.num_env_runners, c.num_envs_per_env_runner, c.num_learners) == (3, 16, 2)
     assert (c.num_gpus_per_learner, c.num_gpus_per_env_runner, c.num_cpus_per_env_runner) == (0.5, 0.25, 2)

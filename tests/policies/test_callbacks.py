@@ -13,8 +13,9 @@ from policies.callbacks import DataPositions
 class Runner:
     def __init__(self, worker_index, seed):
         self.worker_index = worker_index
-        vector_env = SimpleNamespace(get_data_position=lambda: self.stream.state(),
-                                     set_data_position=lambda s: self.stream.restore(s))
+        vector_env = SimpleNamespace(
+            get_data_position=lambda: self.stream.state(), set_data_position=lambda s: self.stream.restore(s)
+        )
         self.env = SimpleNamespace(unwrapped=vector_env)
         self.stream = PromptStream(10, seed)
 

@@ -35,8 +35,14 @@ def episode(n_steps, rewards, logp, done):
     """A response of n_steps tokens; the last info marks whether the response ended."""
     infos = [{}] * n_steps + [{"response_done": True, "response_tokens": n_steps} if done else {}]
     return SingleAgentEpisode(
-        observations=list(range(n_steps + 1)), actions=[5] * n_steps, rewards=rewards, infos=infos,
-        terminated=done, extra_model_outputs={Columns.ACTION_LOGP: logp}, len_lookback_buffer=0)
+        observations=list(range(n_steps + 1)),
+        actions=[5] * n_steps,
+        rewards=rewards,
+        infos=infos,
+        terminated=done,
+        extra_model_outputs={Columns.ACTION_LOGP: logp},
+        len_lookback_buffer=0,
+    )
 
 
 def test_kl_shaping_then_gae_by_hand():

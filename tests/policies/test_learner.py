@@ -47,6 +47,7 @@ def test_non_finite_gradients_are_zeroed_and_the_rest_still_step(learner):
 
 def test_kl_is_pooled_over_learners_before_the_controller_moves():
     from policies.learner import pooled_kl
+
     # This learner saw 2 responses at 3 nats; the other (simulated by the reduce) 6 responses at 1 nat.
     other = [6 * 1.0, 6.0]
     kl, n = pooled_kl({"kl_ref": 3.0, "responses": 2.0}, lambda v: [a + b for a, b in zip(v, other)])

@@ -44,8 +44,12 @@ def test_packed_hidden_equals_per_row_forward():
     m = module()
     ids, lengths = rows(episode_rows()[0])
     with torch.no_grad():
-        torch.testing.assert_close(packed_hidden(m.lm.base_model, pack_rows(ids, lengths)),
-                                   per_row_hidden(m.lm.base_model, ids, lengths), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            packed_hidden(m.lm.base_model, pack_rows(ids, lengths)),
+            per_row_hidden(m.lm.base_model, ids, lengths),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_forward_train_logp_matches_per_token_reference():

@@ -19,4 +19,6 @@ def tiny_policy_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_reward_dir(tmp_path_factory):
     """A saved tiny reward model (random head)."""
-    return str(RewardModel.untrained(RewardModelSettings(backbone="tiny")).save(tmp_path_factory.mktemp("serve") / "tiny-rm"))
+    return str(
+        RewardModel.untrained(RewardModelSettings(backbone="tiny")).save(tmp_path_factory.mktemp("serve") / "tiny-rm")
+    )

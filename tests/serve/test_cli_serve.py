@@ -45,9 +45,20 @@ def test_alignray_serve_starts_serves_and_stops_on_ctrl_c(tiny_policy_dir, tmp_p
     env = {**os.environ, "ALIGNRAY_API_KEY": "cli-key", "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     proc = subprocess.Popen(
-        [str(ALIGNRAY), "serve", str(Path(tiny_policy_dir).parent), "tiny", f"serve.port={port}",
-         "serve.num_cpus_per_replica=0.5"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+        [
+            str(ALIGNRAY),
+            "serve",
+            str(Path(tiny_policy_dir).parent),
+            "tiny",
+            f"serve.port={port}",
+            "serve.num_cpus_per_replica=0.5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     try:
         # tiny_policy_dir's parent is not a model dir: a clear error, exit code 2, nothing started.
         assert proc.wait(timeout=60) == 2
@@ -55,7 +66,12 @@ def test_alignray_serve_starts_serves_and_stops_on_ctrl_c(tiny_policy_dir, tmp_p
 
         proc = subprocess.Popen(
             [str(ALIGNRAY), "serve", tiny_policy_dir, "tiny", f"serve.port={port}", "serve.num_cpus_per_replica=0.5"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
         url = _wait_for_line(proc, r"serving (http://127\.0\.0\.1:\d+)/v1", timeout=120).group(1)
         assert url == f"http://127.0.0.1:{port}"
         _wait_for_line(proc, "press Ctrl-C", timeout=10)

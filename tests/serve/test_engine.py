@@ -31,6 +31,7 @@ def test_left_padded_batch_equals_one_by_one(engine):
 def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
     def job(seed):
         return engine.make_job(engine.encode_prompt("the film"), 12, temperature=1.0, top_p=0.9, seed=seed)
+
     a = engine.generate([job(3)])[0].text
     assert engine.generate([job(3), job(4)])[0].text == a
     assert any(engine.generate([job(s)])[0].text != a for s in range(5, 10))
@@ -93,12 +94,15 @@ def test_top_p_keeps_only_the_nucleus():
     assert {int(sample_next(logits, jobs, gens)[0]) for _ in range(200)} == {0, 1}
 
 
-@pytest.mark.parametrize("ids,max_tokens,param,code", [
-    ([], 4, "prompt", None),
-    ([7] * 256, 4, "prompt", "context_length_exceeded"),
-    ([7] * 250, 16, "max_tokens", "context_length_exceeded"),
-    ([7] * 4, 33, "max_tokens", None),
-])
+@pytest.mark.parametrize(
+    "ids,max_tokens,param,code",
+    [
+        ([], 4, "prompt", None),
+        ([7] * 256, 4, "prompt", "context_length_exceeded"),
+        ([7] * 250, 16, "max_tokens", "context_length_exceeded"),
+        ([7] * 4, 33, "max_tokens", None),
+    ],
+)
 def test_make_job_rejects_what_the_model_cannot_serve(engine, ids, max_tokens, param, code):
     with pytest.raises(InputError) as err:
         engine.make_job(ids, max_tokens)

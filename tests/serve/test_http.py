@@ -40,11 +40,16 @@ def free_port() -> int:
 def server(tiny_policy_dir, tiny_reward_dir):
     """Start Ray and both applications; yield their base URLs; shut everything down."""
     port = free_port()
-    common = [f"serve.port={port}", f"serve.max_tokens_limit={MAX_TOKENS_LIMIT}",
-              f"serve.max_request_bytes={MAX_BYTES}", "serve.num_cpus_per_replica=0.5"]
+    common = [
+        f"serve.port={port}",
+        f"serve.max_tokens_limit={MAX_TOKENS_LIMIT}",
+        f"serve.max_request_bytes={MAX_BYTES}",
+        "serve.num_cpus_per_replica=0.5",
+    ]
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    secure = load_config(None, common + [f"serve.api_key={KEY}", "serve.max_batch_size=8",
-                                         "serve.batch_wait_timeout_s=0.4"])
+    secure = load_config(
+        None, common + [f"serve.api_key={KEY}", "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.4"]
+    )
     open_ = load_config(None, common + ["serve.max_batch_size=1"])
     urls = {
         "secure": start_app(tiny_policy_dir, secure, tiny_reward_dir, name="secure", route_prefix="/"),
@@ -78,7 +83,7 @@ def sse_events(response: httpx.Response) -> list:
     events = []
     for line in response.iter_lines():
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
@@ -95,6 +100,7 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
 
 
 # ---- routes ----------------------------------------------------------------------------------
+
 
 def test_healthz_is_open_and_reports_the_model(server):
     body = httpx.get(server["secure"] + "/healthz").json()
@@ -138,9 +144,15 @@ def test_stop_string_cuts_the_text(client):
 
 
 def test_chat_completion_uses_the_chat_template(client):
-    r = client.post("/v1/chat/completions", json={
-        "model": MODEL, "max_tokens": 5, "temperature": 0,
-        "messages": [{"role": "system", "content": "be good"}, {"role": "user", "content": "the film"}]})
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "max_tokens": 5,
+            "temperature": 0,
+            "messages": [{"role": "system", "content": "be good"}, {"role": "user", "content": "the film"}],
+        },
+    )
     body = r.json()
     assert r.status_code == 200 and body["object"] == "chat.completion"
     assert body["choices"][0]["message"]["role"] == "assistant"
@@ -150,9 +162,18 @@ def test_chat_completion_uses_the_chat_template(client):
 
 def test_streaming_completion_matches_non_streaming(client):
     expected = complete(client, max_tokens=8, temperature=0).json()["choices"][0]
-    with client.stream("POST", "/v1/completions", json={
-            "model": MODEL, "prompt": "the film was", "max_tokens": 8, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}) as r:
+    with client.stream(
+        "POST",
+        "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": "the film was",
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
     assert events[-1] == "[DONE]"
@@ -163,9 +184,17 @@ def test_streaming_completion_matches_non_streaming(client):
 
 
 def test_streaming_chat_chunks(client):
-    with client.stream("POST", "/v1/chat/completions", json={
-            "model": MODEL, "max_tokens": 6, "stream": True, "n": 2,
-            "messages": [{"role": "user", "content": "the film"}]}) as r:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": MODEL,
+            "max_tokens": 6,
+            "stream": True,
+            "n": 2,
+            "messages": [{"role": "user", "content": "the film"}],
+        },
+    ) as r:
         events = sse_events(r)
     assert events[-1] == "[DONE]" and events[0]["object"] == "chat.completion.chunk"
     assert [c["delta"]["role"] for c in events[0]["choices"]] == ["assistant", "assistant"]
@@ -189,6 +218,7 @@ def test_rewards_not_served_without_a_reward_model(open_client):
 
 
 # ---- batching --------------------------------------------------------------------------------
+
 
 def _concurrent(client: httpx.Client, n: int) -> list[httpx.Response]:
     with ThreadPoolExecutor(n) as pool:
@@ -246,26 +276,41 @@ def test_bad_completion_parameters_are_400(client, extra, param):
 def test_prompt_longer_than_the_context_is_400(client):
     assert_error(complete(client, prompt=LONG_PROMPT), 400, param="prompt", code="context_length_exceeded")
     near = " ".join(["film"] * 250)  # fits, but not with 32 new tokens
-    assert_error(complete(client, prompt=near, max_tokens=MAX_TOKENS_LIMIT), 400, param="max_tokens",
-                 code="context_length_exceeded")
-    assert_error(client.post("/v1/chat/completions", json={
-        "model": MODEL, "messages": [{"role": "user", "content": LONG_PROMPT}]}), 400, param="messages")
+    assert_error(
+        complete(client, prompt=near, max_tokens=MAX_TOKENS_LIMIT),
+        400,
+        param="max_tokens",
+        code="context_length_exceeded",
+    )
+    assert_error(
+        client.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": LONG_PROMPT}]}
+        ),
+        400,
+        param="messages",
+    )
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "user", "content": ""}]}, "messages"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
-    ({"messages": [{"role": "user", "content": "hi", "mood": "x"}]}, "messages.0.mood"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 999}, "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": ""}]}, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": "hi", "mood": "x"}]}, "messages.0.mood"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 999}, "max_tokens"),
+    ],
+)
 def test_bad_chat_requests_are_400(client, body, param):
     assert_error(client.post("/v1/chat/completions", json={"model": MODEL, **body}), 400, param=param)
 
 
 def test_malformed_and_wrong_bodies_are_400(client):
     json_header = {"content-type": "application/json"}
-    assert "parse the JSON" in assert_error(client.post("/v1/completions", content=b'{"model": ', headers=json_header), 400)["message"]
+    assert (
+        "parse the JSON"
+        in assert_error(client.post("/v1/completions", content=b'{"model": ', headers=json_header), 400)["message"]
+    )
     assert_error(client.post("/v1/completions", content=b"[1, 2]", headers=json_header), 400)
     assert_error(client.post("/v1/completions", content=b"", headers=json_header), 400)
     assert_error(client.post("/v1/completions", json={"prompt": "x"}), 400, param="model")
@@ -286,11 +331,16 @@ def test_request_size_is_bounded(client):
         for _ in range(MAX_BYTES // 1000 + 2):
             yield b"film " * 200
         yield b'"}'
-    assert_error(client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}),
-                 413, code="request_too_large")
+
+    assert_error(
+        client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}),
+        413,
+        code="request_too_large",
+    )
 
 
 # ---- auth ------------------------------------------------------------------------------------
+
 
 def test_auth_on(server):
     url = server["secure"] + "/v1/completions"
@@ -310,19 +360,28 @@ def test_auth_off(open_client):
 
 # ---- the official client ---------------------------------------------------------------------
 
+
 def test_openai_client_round_trip(server):
     oai = openai.OpenAI(base_url=server["secure"] + "/v1", api_key=KEY, max_retries=0)
     c = oai.completions.create(model=MODEL, prompt="the film was", max_tokens=5, temperature=0)
     assert c.choices[0].finish_reason in ("length", "stop") and c.usage.prompt_tokens == 3
-    chat = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "the film"}],
-                                       max_tokens=5, seed=1)
+    chat = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "the film"}], max_tokens=5, seed=1
+    )
     assert chat.choices[0].message.role == "assistant" and isinstance(chat.choices[0].message.content, str)
-    streamed = "".join(ch.choices[0].text for ch in oai.completions.create(
-        model=MODEL, prompt="the film was", max_tokens=5, temperature=0, stream=True) if ch.choices)
+    streamed = "".join(
+        ch.choices[0].text
+        for ch in oai.completions.create(model=MODEL, prompt="the film was", max_tokens=5, temperature=0, stream=True)
+        if ch.choices
+    )
     assert streamed == c.choices[0].text
-    parts = [ch.choices[0].delta.content or "" for ch in oai.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "the film"}], max_tokens=5, seed=1, stream=True)
-        if ch.choices]
+    parts = [
+        ch.choices[0].delta.content or ""
+        for ch in oai.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "the film"}], max_tokens=5, seed=1, stream=True
+        )
+        if ch.choices
+    ]
     assert "".join(parts) == chat.choices[0].message.content
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server["secure"] + "/v1", api_key="nope", max_retries=0).models.list()
@@ -333,6 +392,7 @@ def test_openai_client_round_trip(server):
 
 
 # ---- shutdown (keep last) --------------------------------------------------------------------
+
 
 def test_zz_application_stops_cleanly(server):
     assert serve.status().applications["secure"].status == "RUNNING"

@@ -101,8 +101,15 @@ def test_openapi_declares_every_error_status_with_the_openai_error_body():
     from serve.app import app
 
     schema = app.openapi()
-    want = {("get", "/healthz"): {"503"}, ("get", "/v1/models"): {"401"}, ("get", "/v1/models/{model_id}"): {"401", "404"},
-            **{("post", p): {"400", "401", "404", "413"} for p in ("/v1/completions", "/v1/chat/completions", "/v1/rewards")}}
+    want = {
+        ("get", "/healthz"): {"503"},
+        ("get", "/v1/models"): {"401"},
+        ("get", "/v1/models/{model_id}"): {"401", "404"},
+        **{
+            ("post", p): {"400", "401", "404", "413"}
+            for p in ("/v1/completions", "/v1/chat/completions", "/v1/rewards")
+        },
+    }
     got = {(m, p): set(op["responses"]) - {"200"} for p, ops in schema["paths"].items() for m, op in ops.items()}
     assert got == want  # and no 422: a bad body is a 400 here
     for (method, path), statuses in want.items():
