@@ -93,55 +93,77 @@ def cmd_jobs(args: argparse.Namespace) -> None:
     jobs(args.action, args.job_id, address=args.address)
 
 
+MODEL = (("model",), {"help": "an HF model directory, a run directory, an RLlib checkpoint or 'smollm2'"})
+COMMANDS = {
+    "config": (
+        "show a resolved config",
+        cmd_config,
+        [
+            (("action",), {"choices": ["show"]}),
+            "config",
+            (("--docs",), {"action": "store_true", "help": "list every field with its docstring"}),
+        ],
+    ),
+    "train-rm": ("train the reward model", cmd_train_rm, ["config"]),
+    "train": (
+        "run PPO",
+        cmd_train,
+        ["config", (("--resume",), {"action": "store_true", "help": "continue from the latest checkpoint"})],
+    ),
+    "eval": (
+        "evaluate a policy against the reference",
+        cmd_eval,
+        [MODEL, "config", (("--out",), {"default": None, "help": "output directory (default: <model>/eval)"})],
+    ),
+    "demo": (
+        "the end-to-end pipeline on the embedded default",
+        cmd_demo,
+        ["config", (("--fresh",), {"action": "store_true", "help": "retrain the reward model even if cached"})],
+    ),
+    "serve": (
+        "serve a policy over HTTP",
+        cmd_serve,
+        [
+            MODEL,
+            "config",
+            (("--reward-model",), {"default": None, "help": "also serve this reward model at /v1/rewards"}),
+        ],
+    ),
+    "submit": (
+        "submit training as a Ray job",
+        cmd_submit,
+        [
+            "config",
+            (("--address",), {"default": None, "help": "Ray dashboard address (default: RAY_ADDRESS or local)"}),
+            (("--follow",), {"action": "store_true", "help": "stream the job's logs until it ends"}),
+            (("--resume",), {"action": "store_true", "help": "resume from the latest checkpoint"}),
+        ],
+    ),
+    "jobs": (
+        "inspect submitted jobs",
+        cmd_jobs,
+        [
+            (("action",), {"choices": ["status", "logs", "stop"]}),
+            (("job_id",), {}),
+            (("--address",), {"default": None}),
+        ],
+    ),
+}
+"""Subcommand -> (help, function, arguments); "config" stands for the preset and its overrides."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="alignray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("config", help="show a resolved config")
-    p.add_argument("action", choices=["show"])
-    _config_args(p)
-    p.add_argument("--docs", action="store_true", help="list every field with its docstring")
-    p.set_defaults(func=cmd_config)
-
-    p = sub.add_parser("train-rm", help="train the reward model")
-    _config_args(p)
-    p.set_defaults(func=cmd_train_rm)
-
-    p = sub.add_parser("train", help="run PPO")
-    _config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("eval", help="evaluate a policy against the reference")
-    p.add_argument("model", help="an RLlib checkpoint, a run directory or an HF model directory")
-    _config_args(p)
-    p.add_argument("--out", default=None, help="output directory (default: <model>/eval)")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("demo", help="the end-to-end pipeline on the embedded default")
-    _config_args(p)
-    p.add_argument("--fresh", action="store_true", help="retrain the reward model even if cached")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("serve", help="serve a policy over HTTP")
-    p.add_argument("model", help="an HF model directory, a run directory or 'smollm2'")
-    _config_args(p)
-    p.add_argument("--reward-model", default=None, help="also serve this reward model at /v1/rewards")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("submit", help="submit training as a Ray job")
-    _config_args(p)
-    p.add_argument("--address", default=None, help="Ray dashboard address (default: RAY_ADDRESS or local)")
-    p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
-    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
-    p.set_defaults(func=cmd_submit)
-
-    p = sub.add_parser("jobs", help="inspect submitted jobs")
-    p.add_argument("action", choices=["status", "logs", "stop"])
-    p.add_argument("job_id")
-    p.add_argument("--address", default=None)
-    p.set_defaults(func=cmd_jobs)
+    for name, (help_, func, arguments) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        for arg in arguments:
+            if arg == "config":
+                _config_args(p)
+            else:
+                p.add_argument(*arg[0], **arg[1])
+        p.set_defaults(func=func)
     return parser
 
 

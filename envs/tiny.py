@@ -16,6 +16,13 @@ WORDS = (
     "not very really so too quite . , ! ?"
 ).split()
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+SIZE = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 256,
+}
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
@@ -33,29 +40,28 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
+def _seeded(model_class, config, seed: int):
+    """The model built with weights from `seed`, in eval mode, leaving everyone else's random stream where it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return model_class(config).eval()
+
+
 def causal_lm(
     vocab_size: int = 512, seed: int = 0, config_class=LlamaConfig, model_class=LlamaForCausalLM, **overrides
 ):
     """(a randomly initialised 2-layer causal LM in eval mode, the tiny tokenizer); vocab padded to `vocab_size`."""
     tok = tokenizer()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # the same weights every time, without moving anyone else's random stream
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     config = config_class(
         vocab_size=max(vocab_size, len(tok)),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
+        **SIZE,
+        **ids,
         **overrides,
     )
-    model = model_class(config).eval()
-    torch.random.set_rng_state(generator_state)
+    model = _seeded(model_class, config, seed)
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
 
@@ -63,17 +69,5 @@ def causal_lm(
 def encoder(seed: int = 0):
     """(a randomly initialised 2-layer BERT encoder in eval mode, the tiny tokenizer)."""
     tok = tokenizer()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = BertModel(config).eval()
-    torch.random.set_rng_state(generator_state)
-    return model, tok
+    config = BertConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **SIZE)
+    return _seeded(BertModel, config, seed), tok
