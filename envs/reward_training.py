@@ -5,6 +5,12 @@ preference file, evaluates on the test split, and writes the model directory and
 to ``settings.path``. Evaluation reports pairwise accuracy against the annotator's labels,
 agreement with the noise-free gold ordering (pairs whose gold scores differ), and the Spearman
 correlation of scores with gold scores over the held-out responses.
+
+The file may be one ``alignray label export`` wrote: training uses the rows of the default
+criterion (``overall``; rows of other criteria are for per-criterion heads) and skips ties and
+"both bad" rows, which have no order for the Bradley-Terry loss (``envs.data.preference_pairs``).
+``warm_start`` starts from a trained reward-model directory (its encoder, head and text settings)
+instead of a fresh head, as iterated rounds do.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from envs.data import load_preferences
+from envs.data import DEFAULT_CRITERION, DataError, load_preferences, preference_pairs
 from envs.reward_model import RewardModel, RewardModelSettings
 from envs.stats import pairwise_agreement, spearman
 
@@ -105,15 +111,19 @@ def _fit(rm: RewardModel, rows: list[dict], rc: RewardModelSettings, seed: int) 
     return losses
 
 
-def train_reward_model(rc: RewardModelSettings, pref_path: str | Path, seed: int = 0) -> dict:
-    """Train, evaluate and save the reward model; returns the metrics (also written to metrics.json)."""
+def train_reward_model(
+    rc: RewardModelSettings, pref_path: str | Path, seed: int = 0, warm_start: str | Path | None = None
+) -> dict:
+    """Train (from `warm_start`'s weights if given), evaluate and save the reward model; returns the metrics."""
     torch.manual_seed(seed)
-    train_rows = load_preferences(pref_path, "train")
+    train_rows = preference_pairs(load_preferences(pref_path, "train"))
+    if not train_rows:
+        raise DataError(f"{pref_path}: no {DEFAULT_CRITERION!r} preference pairs to train on (every row is a tie)")
     if rc.max_pairs:
         train_rows = train_rows[: rc.max_pairs]
-    all_rows = load_preferences(pref_path, None)
+    all_rows = preference_pairs(load_preferences(pref_path, None))
     test_rows = [r for r in all_rows if r.get("split") == "test"] or train_rows[-max(1, len(train_rows) // 10) :]
-    rm = RewardModel.untrained(rc)
+    rm = RewardModel.load(warm_start) if warm_start else RewardModel.untrained(rc)
     start = time.time()
     before = evaluate_rm(rm, test_rows, rc.score_batch_size)
     losses = _fit(rm, train_rows, rc, seed)
@@ -128,6 +138,7 @@ def train_reward_model(rc: RewardModelSettings, pref_path: str | Path, seed: int
     metrics = {
         "path": str(out),
         "backbone": rc.backbone,
+        "warm_start": str(warm_start) if warm_start else None,
         "train_pairs": len(train_rows),
         "test_pairs": len(test_rows),
         "seconds": round(time.time() - start, 1),

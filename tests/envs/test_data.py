@@ -1,10 +1,24 @@
 """Prompt and preference files: the shipped data is valid; crafted bad files are reported precisely."""
 
+from datetime import UTC, datetime
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from envs.data import REPO_ROOT, DataError, load_preferences, load_prompts, write_preferences, write_prompts
+from envs.data import (
+    DEFAULT_CRITERION,
+    REPO_ROOT,
+    DataError,
+    criterion_of,
+    load_candidates,
+    load_preferences,
+    load_prompts,
+    preference_pairs,
+    write_candidates,
+    write_preferences,
+    write_prompts,
+)
 from envs.gold import gold_score
 
 ROW = {
@@ -118,3 +132,56 @@ def test_shipped_pairs_never_mix_splits_or_compare_a_text_with_itself():
     train, test = load_preferences(path, "train"), load_preferences(path, "test")
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     assert all(r["chosen"] != r["rejected"] for r in train)
+
+
+LABELLED = {
+    "prompt": "The film",
+    "chosen": "was wonderful",
+    "rejected": "was awful",
+    "criterion": "overall",
+    "annotator": "ada",
+    "item_id": "r1-7",
+    "tie": False,
+    "both_bad": False,
+    "created_at": datetime(2026, 11, 30, 12, 0, tzinfo=UTC),
+    "policy": "smollm2",
+    "comment": "",
+}
+
+
+def test_labelled_columns_round_trip_and_pairs(tmp_path):
+    rows = [
+        LABELLED,
+        {**LABELLED, "criterion": "safety", "comment": "fine <b>"},
+        {**LABELLED, "tie": True},
+        {**LABELLED, "tie": True, "both_bad": True, "item_id": "r1-8"},
+    ]
+    back = load_preferences(write_preferences(tmp_path / "l.parquet", rows), None)
+    assert back == rows
+    assert preference_pairs(back) == [LABELLED]  # overall only, ties and both-bad skipped
+    assert preference_pairs(back, "safety") == [rows[1]]
+    plain = [{"prompt": "p", "chosen": "c", "rejected": "r"}]
+    assert criterion_of(plain[0]) == DEFAULT_CRITERION and preference_pairs(plain) == plain
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("criterion", "Quality!", "expected a name"),
+        ("tie", "yes", "expected true or false"),
+        ("created_at", "yesterday", "expected a timestamp"),
+        ("annotator", "", "empty text"),
+    ],
+)
+def test_labelled_columns_are_validated(tmp_path, column, value, message):
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([{**LABELLED, column: value}]), path)  # Arrow columns have one type
+    with pytest.raises(DataError, match=rf"row 0, column '{column}': {message}"):
+        load_preferences(path, None)
+
+
+def test_candidates_round_trip(tmp_path):
+    rows = [{"prompt": "p", "response_a": "a", "response_b": "b", "policy": "tiny"}]
+    assert load_candidates(write_candidates(tmp_path / "c.parquet", rows)) == rows
+    with pytest.raises(DataError, match="missing column 'response_b'"):
+        write_candidates(tmp_path / "bad.parquet", [{"prompt": "p", "response_a": "a"}])
