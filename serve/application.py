@@ -6,8 +6,9 @@ from typing import Any
 
 from envs.models import ModelSettings
 from envs.reward_model import RewardModel, RewardModelSettings
-from serve.app import PolicyServer, ServeSettings
+from serve.app import PolicyServer
 from serve.rewards import RewardScorer
+from serve.settings import ServeSettings
 
 
 def deployment_options(s: ServeSettings) -> dict[str, Any]:
@@ -23,6 +24,11 @@ def deployment_options(s: ServeSettings) -> dict[str, Any]:
             "min_replicas": s.min_replicas,
             "max_replicas": s.max_replicas,
             "target_ongoing_requests": s.target_ongoing_requests,
+            "upscale_delay_s": s.upscale_delay_s,
+            "downscale_delay_s": s.downscale_delay_s,
+            "look_back_period_s": s.look_back_period_s,
+            # Deprecated in Serve 2.60 but still what sets how often the load is reported.
+            "metrics_interval_s": s.autoscaling_metrics_interval_s,
         }
     return opts
 

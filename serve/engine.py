@@ -1,11 +1,11 @@
-"""Batched text generation with a Hugging Face causal LM: plain Python, no Ray.
+"""Text generation with a Hugging Face causal LM, one sequence at a time on the text side: plain Python, no Ray.
 
 A :class:`GenerationJob` is one sequence to write: prompt token ids and its own sampling
-parameters (max tokens, temperature, top-p, stop strings, seed). :meth:`GenerationEngine.stream`
-runs any number of jobs as one batch: the prompts are left-padded into one ``(B, T)`` tensor,
-prefilled once, then decoded one token per step for every row with a shared KV cache. Each
-step yields, for every job, the text it added (a :class:`Delta`) or ``None`` once it has
-finished, so the same loop serves streaming and non-streaming requests.
+parameters (max tokens, temperature, top-p, stop strings, seed). :class:`GenerationEngine` holds
+the model (in its serving dtype) and tokenizer, checks prompts and limits (:meth:`~GenerationEngine.make_job`),
+and turns each sampled token of a sequence into the text it adds (:meth:`~GenerationEngine.advance`,
+a :class:`Delta`). Batching lives elsewhere: :mod:`serve.kv_batch` keeps the rows of the running
+batch in one KV cache and :mod:`serve.scheduler` decides which sequences join and leave it.
 
 A job finishes with ``finish_reason="stop"`` on EOS or a stop string (the stop string is not
 returned) and with ``"length"`` after ``max_tokens`` tokens. Text that could be the start of a
@@ -18,14 +18,14 @@ raise :class:`InputError` naming the parameter; the HTTP layer turns them into 4
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from envs.models import ModelSettings, load_causal_lm
-from envs.prompting import chat_ids, left_pad
+from envs.models import ModelSettings
+from envs.prompting import chat_ids
 from policies.sampling import sample_tokens
+from serve.quantize import load_policy
 
 
 class InputError(ValueError):
@@ -62,6 +62,18 @@ class Delta:
     """Tokens generated for the job so far."""
 
 
+@dataclass(eq=False)
+class Decoding:
+    """The text side of one sequence being generated: its job, random stream, tokens and the characters sent."""
+
+    job: GenerationJob
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0
+    finish: str | None = None
+    """'stop' or 'length' once the sequence has ended."""
+
+
 @dataclass
 class Completion:
     """A finished job."""
@@ -92,10 +104,11 @@ def sample_next(logits: torch.Tensor, jobs: list[GenerationJob], generators: lis
 
 
 class GenerationEngine:
-    """A causal LM and its tokenizer, with prompt checks and batched, streamable generation."""
+    """A causal LM (in its serving dtype) and its tokenizer: prompt checks, sampling parameters, decoded text."""
 
-    def __init__(self, model, tokenizer, max_tokens_limit: int):
+    def __init__(self, model, tokenizer, max_tokens_limit: int, dtype: str = "float32"):
         self.model = model.eval()
+        self.dtype = dtype
         self.tokenizer = tokenizer
         self.max_tokens_limit = max_tokens_limit
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
@@ -105,10 +118,10 @@ class GenerationEngine:
         self.eos_ids = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
     @classmethod
-    def from_spec(cls, model: ModelSettings, max_tokens_limit: int) -> GenerationEngine:
-        """Load the model the settings name ('smollm2', 'tiny', an HF directory) with :func:`load_causal_lm`."""
-        lm, tok = load_causal_lm(model.policy, model.dtype, model.tiny_vocab_size)
-        return cls(lm, tok, max_tokens_limit=max_tokens_limit)
+    def from_spec(cls, model: ModelSettings, max_tokens_limit: int, dtype: str = "float32") -> GenerationEngine:
+        """Load the model the settings name ('smollm2', 'tiny', an HF directory) in a serving dtype."""
+        lm, tok = load_policy(model, dtype)
+        return cls(lm, tok, max_tokens_limit=max_tokens_limit, dtype=dtype)
 
     # ---- prompts and checks -------------------------------------------------------------------
 
@@ -169,60 +182,22 @@ class GenerationEngine:
             ignore_eos=ignore_eos,
         )
 
-    # ---- generation ---------------------------------------------------------------------------
+    # ---- one sequence's text ----------------------------------------------------------------
 
-    def _prefill(self, jobs: list[GenerationJob]) -> tuple[torch.Tensor, torch.Tensor, object, torch.Tensor]:
-        """Left-pad the prompts and run them once: (last logits (B, V), mask (B, T), cache, positions (B, 1))."""
-        ids, mask = left_pad([j.prompt_ids for j in jobs], self.pad_id)  # (B, T)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], mask, out.cache, positions[:, -1:]
+    def start(self, job: GenerationJob) -> Decoding:
+        """The decoding state of a job, with its own random stream (seeded, or fresh)."""
+        seed = job.seed if job.seed is not None else random.getrandbits(63)
+        return Decoding(job, torch.Generator().manual_seed(seed))
 
-    def stream(self, jobs: list[GenerationJob]) -> Iterator[list[Delta | None]]:
-        """Generate all jobs as one batch; per step, yield each job's :class:`Delta` (None once finished)."""
-        if not jobs:
-            return
-        generators = [
-            torch.Generator().manual_seed(j.seed if j.seed is not None else random.getrandbits(63)) for j in jobs
-        ]
-        tokens: list[list[int]] = [[] for _ in jobs]
-        sent = [0] * len(jobs)  # characters already returned per job
-        done = [False] * len(jobs)
-        with torch.inference_mode():
-            logits, mask, cache, positions = self._prefill(jobs)
-        while True:
-            with torch.inference_mode():
-                next_ids = sample_next(logits, jobs, generators)  # (B,)
-            step: list[Delta | None] = []
-            for i, job in enumerate(jobs):
-                if done[i]:
-                    step.append(None)
-                    continue
-                step.append(self._advance(job, tokens[i], int(next_ids[i]), sent, i))
-                done[i] = step[-1].finish_reason is not None
-            yield step
-            if all(done):
-                return
-            with torch.inference_mode():
-                mask = torch.cat([mask, torch.ones((len(jobs), 1), dtype=mask.dtype)], dim=1)  # (B, T+1)
-                positions = positions + 1  # (B, 1)
-                out = self.model(
-                    input_ids=next_ids.unsqueeze(1),
-                    attention_mask=mask,
-                    position_ids=positions,
-                    cache=cache,
-                    use_cache=True,
-                )
-                logits, cache = out.logits[:, -1], out.cache
-
-    def _advance(self, job: GenerationJob, tokens: list[int], token: int, sent: list[int], i: int) -> Delta:
-        """Append one token to a job, decode, check EOS / stop strings / length; return the new text."""
+    def advance(self, dec: Decoding, token: int) -> Delta:
+        """Append one token, decode, check EOS / stop strings / length; return the text it adds (maybe '')."""
+        job, tokens = dec.job, dec.tokens
         eos = token in self.eos_ids and not job.ignore_eos
         if not eos:
             tokens.append(token)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         finish = "stop" if eos else None
-        cut = [text.find(s, max(0, sent[i] - len(s))) for s in job.stop]
+        cut = [text.find(s, max(0, dec.sent - len(s))) for s in job.stop]
         hits = [c for c in cut if c >= 0]
         if hits:
             text, finish = text[: min(hits)], "stop"
@@ -231,28 +206,9 @@ class GenerationEngine:
         end = len(text) if finish else len(text) - _held_back(text, job.stop)
         if not finish and text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
             end = min(end, len(text) - 1)
-        delta = text[sent[i] : end] if end > sent[i] else ""
-        sent[i] = max(sent[i], end)
+        delta = text[dec.sent : end] if end > dec.sent else ""
+        dec.sent, dec.finish = max(dec.sent, end), finish
         return Delta(text=delta, finish_reason=finish, completion_tokens=len(tokens))
-
-    def generate(self, jobs: list[GenerationJob]) -> list[Completion]:
-        """Run :meth:`stream` to the end and gather each job's text."""
-        texts = [""] * len(jobs)
-        last: list[Delta | None] = [None] * len(jobs)
-        for step in self.stream(jobs):
-            for i, d in enumerate(step):
-                if d is not None:
-                    texts[i] += d.text
-                    last[i] = d
-        return [
-            Completion(
-                text=t,
-                finish_reason=d.finish_reason,
-                prompt_tokens=len(j.prompt_ids),
-                completion_tokens=d.completion_tokens,
-            )
-            for t, d, j in zip(texts, last, jobs)
-        ]
 
     def check_health(self) -> None:
         """Run one token through the model; raise RuntimeError if the logits are not finite."""

@@ -1,38 +1,46 @@
 """HTTP plumbing shared by the routes: API-key auth, a request-size bound, OpenAI-style errors.
 
 :func:`make_app` returns the FastAPI app the deployment is wrapped in. Its settings live on
-``app.state`` (``api_key``, ``max_request_bytes``) and are filled in by the deployment's
-constructor on each replica, so one module-level app serves any configuration.
+``app.state`` (``keys``, a :class:`~serve.access.KeyRing`; ``max_request_bytes``; ``metrics``)
+and are filled in by the deployment's constructor on each replica, so one module-level app
+serves any configuration.
 
+- :class:`MetricsMiddleware` (outermost): every answer, the guard's 401/413 included, counts in
+  ``alignray_requests{route,code}`` and ``alignray_request_latency_seconds`` (to the last byte).
 - :class:`GuardMiddleware` (plain ASGI, runs before routing and body parsing): a missing or
-  wrong ``Authorization: Bearer <key>`` gets 401 when a key is set (``/healthz`` stays open
-  for probes); a body over ``max_request_bytes`` gets 413, whether it announces its length or
-  is chunked.
+  wrong ``Authorization: Bearer <key>`` gets 401 when keys are configured (``/healthz`` stays
+  open for probes); a body over ``max_request_bytes`` gets 413, whether it announces its length
+  or is chunked.
 - Exception handlers turn every error into OpenAI's body
   ``{"error": {"message", "type", "param", "code"}}``: validation errors (malformed JSON,
   unknown fields, out-of-range values) are 400s naming the field, unknown routes 404,
-  :class:`~serve.engine.InputError` 400, and only a genuine bug a 500.
+  :class:`~serve.engine.InputError` 400, a full queue (:class:`~serve.scheduler.QueueFull`) 429
+  with ``Retry-After``, and only a genuine bug a 500.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.access import KeyRing
 from serve.engine import InputError
+from serve.metrics import route_label
 from serve.protocol import APIError
+from serve.scheduler import QueueFull
 
 logger = logging.getLogger(__name__)
 
 
 def error_response(err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    """OpenAI's error body with the error's status (and its headers, e.g. Retry-After)."""
+    return JSONResponse(err.body(), status_code=err.status, headers={**(err.headers or {}), **(headers or {})})
 
 
 async def _send_error(send, err: APIError, headers: dict[str, str] | None = None) -> None:
@@ -44,11 +52,36 @@ async def _send_error(send, err: APIError, headers: dict[str, str] | None = None
     await send({"type": "http.response.body", "body": body})
 
 
-def _bearer_ok(headers: dict[bytes, bytes], key: str) -> bool:
-    """Whether the Authorization header carries ``Bearer <key>`` (constant-time compare)."""
+def _bearer_ok(headers: dict[bytes, bytes], keys: KeyRing) -> bool:
+    """Whether the Authorization header carries ``Bearer <an accepted key>``."""
     value = headers.get(b"authorization", b"").decode("latin-1")
     scheme, _, token = value.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+    return scheme.lower() == "bearer" and keys.accepts(token.strip())
+
+
+class MetricsMiddleware:
+    """ASGI middleware: count every answer by route and status, and time it to its last byte."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        metrics = getattr(scope["app"].state, "metrics", None) if scope["type"] == "http" else None
+        if metrics is None:
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            route = route_label(scope["path"], scope.get("root_path", ""))
+            metrics.request(route, status, time.perf_counter() - start)
 
 
 class GuardMiddleware:
@@ -62,8 +95,13 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         state = scope["app"].state
         headers = dict(scope["headers"])
-        key = getattr(state, "api_key", "")
-        if key and not scope["path"].rstrip("/").endswith("/healthz") and not _bearer_ok(headers, key):
+        keys: KeyRing | None = getattr(state, "keys", None)
+        if (
+            keys
+            and keys.required
+            and not scope["path"].rstrip("/").endswith("/healthz")
+            and not _bearer_ok(headers, keys)
+        ):
             err = APIError(
                 401,
                 "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
@@ -136,9 +174,11 @@ def _validation_message(err: dict) -> tuple[str, str | None]:
 def make_app() -> FastAPI:
     """The FastAPI app with the guard middleware and OpenAI-style error handlers (routes added by the deployment)."""
     app = FastAPI(title="alignray", docs_url=None, redoc_url=None)
-    app.state.api_key = ""
+    app.state.keys = None
     app.state.max_request_bytes = 1_000_000
+    app.state.metrics = None
     app.add_middleware(GuardMiddleware)
+    app.add_middleware(MetricsMiddleware)  # added last = outermost: it sees the guard's answers too
 
     def openapi() -> dict:
         """FastAPI's schema without the 422 it adds to every route: invalid input is a 400 here."""
@@ -173,6 +213,11 @@ def make_app() -> FastAPI:
     @app.exception_handler(APIError)
     async def _api(request: Request, exc: APIError):
         return error_response(exc)
+
+    @app.exception_handler(QueueFull)
+    async def _full(request: Request, exc: QueueFull):
+        retry = {"retry-after": str(exc.retry_after_s)}
+        return error_response(APIError(429, str(exc), type="rate_limit_error", code="queue_full", headers=retry))
 
     @app.exception_handler(InputError)
     async def _input(request: Request, exc: InputError):

@@ -163,13 +163,18 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
 
 
-class CompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: new_id("cmpl"))
-    object: Literal["text_completion"] = "text_completion"
+class _Response(BaseModel):
+    """Fields every generation response and streamed chunk carries."""
+
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class CompletionResponse(_Response):
+    id: str = Field(default_factory=lambda: new_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class AssistantMessage(BaseModel):
@@ -184,13 +189,10 @@ class ChatChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_Response):
     id: str = Field(default_factory=lambda: new_id("chatcmpl"))
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatChoice]
-    usage: Usage
 
 
 class ChatDelta(BaseModel):
@@ -205,15 +207,12 @@ class ChatChunkChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_Response):
     """One server-sent event of a streamed chat completion."""
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
@@ -221,6 +220,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "alignray"
+    dtype: str | None = None
+    """The dtype the weights are served in (float32, bfloat16, int8): alignray's extension."""
 
 
 class ModelList(BaseModel):
@@ -235,21 +236,33 @@ class RewardResponse(BaseModel):
 
 
 class BatchStats(BaseModel):
-    """What ``@serve.batch`` has gathered so far on this replica."""
+    """What the replica's generation loop has done so far."""
 
-    batches: int = 0
-    """Batched generations run."""
+    mode: Literal["continuous", "static"]
+    steps: int = 0
+    """Decoding steps run."""
     requests: int = 0
-    """HTTP requests served by them."""
-    max_requests_per_batch: int = 0
-    """Largest number of requests that shared one generation."""
-    sizes: dict[str, int] = Field(default_factory=dict)
-    """Histogram: requests per batch -> how many batches had that many."""
+    """Requests admitted to the batch."""
+    sequences: int = 0
+    """Sequences (prompts x n) admitted."""
+    max_rows: int = 0
+    """Most sequences decoded together in one step."""
+    mean_rows: float = 0.0
+    """Mean sequences per decoding step (batch occupancy x max_batch_size)."""
+    running: int = 0
+    """Sequences in the batch now."""
+    waiting: int = 0
+    """Sequences queued for a slot now."""
+    cancelled: int = 0
+    """Requests stopped before their end (client gone)."""
+    rejected: int = 0
+    """Requests refused with 429 (queue full)."""
 
 
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
+    dtype: str
     max_batch_size: int
     batching: BatchStats
     rewards: bool
@@ -280,9 +293,11 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return ErrorResponse(
@@ -295,6 +310,7 @@ ERROR_STATUSES = {
     401: "Missing or wrong API key (Authorization: Bearer <key>).",
     404: "Unknown model, or no reward model served here.",
     413: "Request body over serve.max_request_bytes.",
+    429: "The replica's queue is full (serve.max_queue sequences wait); retry after the Retry-After header's seconds.",
     503: "The model failed its health check.",
 }
 

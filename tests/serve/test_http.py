@@ -1,15 +1,16 @@
 """Real HTTP against a running Ray Serve application on loopback, serving a tiny model.
 
 Two applications share one Serve instance (started once for the module):
-- ``secure`` at ``/``: API key on, batching on (8 sequences, a generous wait so concurrent
-  requests meet), and the reward model at ``/v1/rewards``;
+- ``secure`` at ``/``: API key on, continuous batching of up to 8 sequences, and the reward
+  model at ``/v1/rewards``;
 - ``open`` at ``/open``: no API key, batching off (``serve.max_batch_size=1``), no reward model.
+
+Continuous vs static batching, the queue bound, cancellation, metrics and logs are in
+``test_serve_ops.py``; autoscaling in ``test_autoscaling.py``.
 """
 
 from __future__ import annotations
 
-import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -21,19 +22,13 @@ from ray import serve
 from cluster.config import load_config
 from cluster.serving import start_app
 from envs.reward_model import RewardModel
+from tests.serve.helpers import assert_error, free_port, sse_events, start_ray
 
 KEY = "test-key-123"
 MODEL = "tiny-policy"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_TOKENS_LIMIT = 32
 MAX_BYTES = 8192
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +41,8 @@ def server(tiny_policy_dir, tiny_reward_dir):
         f"serve.max_request_bytes={MAX_BYTES}",
         "serve.num_cpus_per_replica=0.5",
     ]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    secure = load_config(
-        None, common + [f"serve.api_key={KEY}", "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.4"]
-    )
+    start_ray(num_cpus=4)
+    secure = load_config(None, common + [f"serve.api_key={KEY}", "serve.max_batch_size=8"])
     open_ = load_config(None, common + ["serve.max_batch_size=1"])
     urls = {
         "secure": start_app(tiny_policy_dir, secure, tiny_reward_dir, name="secure", route_prefix="/"),
@@ -78,34 +71,13 @@ def complete(client: httpx.Client, **body) -> httpx.Response:
     return client.post("/v1/completions", json={"model": MODEL, "prompt": "the film was", **body})
 
 
-def sse_events(response: httpx.Response) -> list:
-    """Parse a server-sent-event stream into JSON payloads (and the final '[DONE]')."""
-    events = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
-
-
-def assert_error(response: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["message"] and error["type"]
-    if param is not None:
-        assert error["param"] == param, error
-    if code is not None:
-        assert error["code"] == code, error
-    return error
-
-
 # ---- routes ----------------------------------------------------------------------------------
 
 
 def test_healthz_is_open_and_reports_the_model(server):
     body = httpx.get(server["secure"] + "/healthz").json()
     assert body["status"] == "ok" and body["model"] == MODEL and body["rewards"] is True
-    assert body["max_batch_size"] == 8
+    assert body["max_batch_size"] == 8 and body["dtype"] == "float32" and body["batching"]["mode"] == "continuous"
     assert httpx.get(server["open"] + "/healthz").json()["max_batch_size"] == 1
 
 
@@ -118,7 +90,7 @@ def test_models(client):
 def test_completion_greedy_usage_and_length(client):
     r = complete(client, max_tokens=6, temperature=0)
     body = r.json()
-    assert r.status_code == 200 and body["object"] == "text_completion"
+    assert r.status_code == 200 and body["object"] == "text_completion", r.text
     (choice,) = body["choices"]
     assert choice["finish_reason"] in ("length", "stop") and isinstance(choice["text"], str)
     assert body["usage"]["prompt_tokens"] == 3  # word-level tokenizer: "the film was"
@@ -220,24 +192,23 @@ def test_rewards_not_served_without_a_reward_model(open_client):
 # ---- batching --------------------------------------------------------------------------------
 
 
-def _concurrent(client: httpx.Client, n: int) -> list[httpx.Response]:
+def _concurrent(client: httpx.Client, n: int, max_tokens: int = 4) -> list[httpx.Response]:
     with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(lambda i: complete(client, max_tokens=4, seed=i), range(n)))
+        return list(pool.map(lambda i: complete(client, max_tokens=max_tokens, seed=i, ignore_eos=True), range(n)))
 
 
-def test_two_concurrent_requests_share_one_batch(client):
-    before = client.get("/healthz").json()["batching"]
-    responses = _concurrent(client, 2)
+def test_concurrent_requests_share_the_running_batch(client):
+    responses = _concurrent(client, 4, max_tokens=32)
     assert all(r.status_code == 200 for r in responses)
-    assert [r.headers["x-alignray-batch-size"] for r in responses] == ["2", "2"]
-    after = client.get("/healthz").json()["batching"]
-    assert after["batches"] == before["batches"] + 1 and after["max_requests_per_batch"] >= 2
+    assert max(int(r.headers["x-alignray-batch-size"]) for r in responses) >= 2
+    stats = client.get("/healthz").json()["batching"]
+    assert stats["max_rows"] >= 2 and stats["running"] == 0 and stats["waiting"] == 0
 
 
 def test_batching_off_runs_requests_alone(open_client):
     responses = _concurrent(open_client, 2)
     assert [r.headers["x-alignray-batch-size"] for r in responses] == ["1", "1"]
-    assert open_client.get("/healthz").json()["batching"]["max_requests_per_batch"] == 1
+    assert open_client.get("/healthz").json()["batching"]["max_rows"] == 1
     # n > 1 needs a batch of n sequences: refused clearly when batching is off.
     assert_error(complete(open_client, n=2), 400, param="n")
 

@@ -70,12 +70,27 @@ def test_deployment_options_follow_the_config():
     fixed = deployment_options(load_config(None, ["serve.min_replicas=2", "serve.max_replicas=2"]).serve)
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
     scaled = deployment_options(load_config(None, ["serve.max_replicas=3", "serve.num_cpus_per_replica=2"]).serve)
-    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 16}
+    assert scaled["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 16,
+        "upscale_delay_s": 30.0,
+        "downscale_delay_s": 600.0,
+        "look_back_period_s": 30.0,
+        "metrics_interval_s": 10.0,
+    }
+    AutoscalingConfig(**scaled["autoscaling_config"])  # Serve accepts every key
     assert scaled["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0.0}
     with pytest.raises(ConfigError, match="serve: min_replicas"):
         load_config(None, ["serve.min_replicas=3", "serve.max_replicas=2"])
     with pytest.raises(ConfigError, match="serve: max_ongoing_requests"):
         load_config(None, ["serve.max_ongoing_requests=4"])
+    with pytest.raises(ConfigError, match="serve: max_queue"):
+        load_config(None, ["serve.max_queue=8"])
+    with pytest.raises(ConfigError, match="serve: look_back_period_s"):
+        load_config(None, ["serve.look_back_period_s=5"])
+    with pytest.raises(ConfigError, match="serve.dtype"):
+        load_config(None, ["serve.dtype=int4"])
 
 
 def test_resolve_policy_accepts_model_and_run_directories(tiny_policy_dir, tmp_path):
@@ -105,10 +120,8 @@ def test_openapi_declares_every_error_status_with_the_openai_error_body():
         ("get", "/healthz"): {"503"},
         ("get", "/v1/models"): {"401"},
         ("get", "/v1/models/{model_id}"): {"401", "404"},
-        **{
-            ("post", p): {"400", "401", "404", "413"}
-            for p in ("/v1/completions", "/v1/chat/completions", "/v1/rewards")
-        },
+        **{("post", p): {"400", "401", "404", "413", "429"} for p in ("/v1/completions", "/v1/chat/completions")},
+        ("post", "/v1/rewards"): {"400", "401", "404", "413"},
     }
     got = {(m, p): set(op["responses"]) - {"200"} for p, ops in schema["paths"].items() for m, op in ops.items()}
     assert got == want  # and no 422: a bad body is a 400 here

@@ -1,0 +1,197 @@
+"""Continuous batching without Ray: joins and leaves mid-generation, per-request sampling, cancel, queue bound."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from envs import tiny
+from serve.engine import GenerationEngine, InputError
+from serve.kv_batch import RunningBatch
+from serve.scheduler import QueueFull, Request, Scheduler, generate
+
+
+@pytest.fixture(scope="module")
+def engine() -> GenerationEngine:
+    model, tok = tiny.causal_lm(vocab_size=len(tiny.tokenizer()))
+    return GenerationEngine(model, tok, max_tokens_limit=200)
+
+
+def job(engine, text: str, n: int = 10, temperature: float = 0.0, **kw):
+    return engine.make_job(engine.encode_prompt(text), n, temperature=temperature, **kw)
+
+
+class Sink:
+    """Collects what the scheduler emits for one request, with the time of each item."""
+
+    def __init__(self):
+        self.items, self.times, self.ended = [], [], threading.Event()
+
+    def __call__(self, item):
+        self.items.append(item)
+        self.times.append(time.perf_counter())
+        if item is None or isinstance(item, BaseException):
+            self.ended.set()
+
+    def texts(self, n: int = 1) -> list[str]:
+        steps = [s for s in self.items if isinstance(s, list)]
+        return ["".join(s[i].text for s in steps if s[i] is not None) for i in range(n)]
+
+
+def run(scheduler: Scheduler) -> None:
+    while scheduler.run_once():
+        pass
+
+
+PROMPTS = ["the film was great", "bad", "I loved the music and the acting", "a boring story about nothing"]
+
+
+def test_sequences_joining_and_leaving_a_running_batch_match_decoding_alone(engine):
+    """Greedy and seeded-sampled sequences admitted at different steps give the text they give alone."""
+    jobs = [
+        job(engine, PROMPTS[0], 12),
+        job(engine, PROMPTS[1], 4, temperature=1.0, top_p=0.9, seed=3),
+        job(engine, PROMPTS[2], 9, temperature=0.7, seed=11),
+        job(engine, PROMPTS[3], 12, stop=["dull"]),
+    ]
+    alone = [generate(engine, [j])[0].text for j in jobs]
+    s = Scheduler(engine, max_batch_size=4, max_queue=4)
+    sinks = [Sink() for _ in jobs]
+    for k, (j, sink) in enumerate(zip(jobs, sinks)):
+        s.submit(Request([j], sink))
+        for _ in range(k + 1):  # join at steps 0, 1, 3, 6 while others are mid-way or done
+            s.run_once()
+    run(s)
+    assert [sink.texts()[0] for sink in sinks] == alone
+    assert all(sink.items[-1] is None for sink in sinks)
+    assert s.counts.max_rows >= 3 and s.batch.rows == 0 and s.batch.width == 0
+
+
+def test_n_choices_are_seeded_per_choice_and_batch_independent(engine):
+    jobs = [job(engine, PROMPTS[0], 8, temperature=1.0, seed=5 + i) for i in range(3)]
+    sink = Sink()
+    s = Scheduler(engine, max_batch_size=4, max_queue=4)
+    s.submit(Request(jobs, sink))
+    run(s)
+    assert sink.texts(3) == [generate(engine, [j])[0].text for j in jobs]
+    assert len(set(sink.texts(3))) > 1
+
+
+def test_a_request_arriving_mid_generation_starts_before_the_first_finishes(engine):
+    s = Scheduler(engine, max_batch_size=4, max_queue=4)
+    s.start()
+    try:
+        first, second = Sink(), Sink()
+        a = Request([job(engine, PROMPTS[0], 150, ignore_eos=True)], first)
+        s.submit(a)
+        while len(first.items) < 3:
+            time.sleep(0.001)
+        b = Request([job(engine, PROMPTS[1], 3, ignore_eos=True)], second)
+        s.submit(b)
+        assert first.ended.wait(30) and second.ended.wait(30)
+    finally:
+        s.stop()
+    a_done = first.times[-1]
+    assert a.admitted < b.admitted < a_done
+    assert b.first_token < a_done and second.times[-1] < a_done  # b joined, ran and left while a decoded
+    assert b.batch_rows == 2
+
+
+def test_static_batching_waits_for_the_running_batch_to_end(engine):
+    s = Scheduler(engine, max_batch_size=4, max_queue=4, mode="static")
+    first, second = Sink(), Sink()
+    a = Request([job(engine, PROMPTS[0], 6, ignore_eos=True)], first)
+    s.submit(a)
+    s.run_once()
+    b = Request([job(engine, PROMPTS[1], 3, ignore_eos=True)], second)
+    s.submit(b)
+    steps_while_a_ran = 0
+    while a.live:
+        s.run_once()
+        steps_while_a_ran += 1
+    assert b.admitted is None and steps_while_a_ran == 5
+    run(s)
+    assert second.texts()[0] == generate(engine, [b.jobs[0]])[0].text and b.batch_rows == 1
+
+
+def test_static_batching_gathers_for_batch_wait_s(engine):
+    s = Scheduler(engine, max_batch_size=4, max_queue=4, mode="static", batch_wait_s=60)
+    reqs = [Request([job(engine, p, 3)], Sink()) for p in PROMPTS[:2]]
+    s.submit(reqs[0])
+    assert not s.run_once()  # waits for the batch to fill
+    s.submit(reqs[1])
+    s.batch_wait_s = 0
+    assert s.run_once() and [r.batch_rows for r in reqs] == [2, 2]
+
+
+def test_cancelling_frees_the_slot_at_the_next_step(engine):
+    s = Scheduler(engine, max_batch_size=1, max_queue=1)
+    first, second = Sink(), Sink()
+    a = Request([job(engine, PROMPTS[0], 150, ignore_eos=True)], first)
+    b = Request([job(engine, PROMPTS[1], 3)], second)
+    s.submit(a)
+    s.run_once()
+    s.run_once()
+    s.submit(b)
+    s.run_once()
+    assert b.admitted is None  # the only slot is taken
+    s.cancel(a)
+    s.run_once()
+    assert first.items[-1] is None and len(first.items) == 4  # 3 steps, then the end
+    assert b.admitted is not None and s.rows[0].request is b
+    run(s)
+    assert second.items[-1] is None and s.snapshot()["cancelled"] == 1
+
+
+def test_a_cancelled_waiting_request_leaves_the_queue(engine):
+    s = Scheduler(engine, max_batch_size=1, max_queue=2)
+    a, b = Request([job(engine, "bad", 5)], Sink()), Request([job(engine, "bad", 5)], Sink())
+    s.submit(a)
+    s.submit(b)
+    s.run_once()
+    s.cancel(b)
+    s.run_once()
+    assert s.queued == 0 and b.emit.items == [None] and b.admitted is None
+
+
+def test_queue_bound_and_batch_bound(engine):
+    s = Scheduler(engine, max_batch_size=2, max_queue=2)
+    s.submit(Request([job(engine, "bad", 5)] * 2, Sink()))
+    with pytest.raises(QueueFull) as full:
+        s.submit(Request([job(engine, "bad", 5)], Sink()))
+    assert 1 <= full.value.retry_after_s <= 60 and s.snapshot()["rejected"] == 1
+    with pytest.raises(InputError) as too_many:
+        s.submit(Request([job(engine, "bad", 5)] * 3, Sink()))
+    assert too_many.value.param == "n"
+    s.run_once()  # admitted: the queue has room again
+    s.submit(Request([job(engine, "bad", 5)], Sink()))
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(engine, monkeypatch):
+    s = Scheduler(engine, max_batch_size=2, max_queue=2)
+    broken, healthy = Sink(), Sink()
+    s.submit(Request([job(engine, "bad", 5)], broken))
+    monkeypatch.setattr(s.batch, "admit", lambda prompts: (_ for _ in ()).throw(RuntimeError("boom")))
+    s.run_once()
+    assert isinstance(broken.items[-1], RuntimeError) and s.rows == []
+    s.submit(Request([job(engine, "bad", 3)], healthy))  # the failure replaced the batch
+    run(s)
+    assert healthy.items[-1] is None and healthy.texts()[0]
+
+
+def test_width_shrinks_when_the_longest_row_leaves(engine):
+    batch = RunningBatch(engine.model, engine.pad_id)
+    long_prompt = engine.encode_prompt(" ".join(["film"] * 30))
+    logits = batch.admit([long_prompt, engine.encode_prompt("bad")])
+    batch.step(logits.argmax(-1))
+    assert batch.width == 31
+    batch.keep([1])
+    assert batch.width == 2 and batch.cache.layers[0].keys.shape[-2] == 2
+    alone = RunningBatch(engine.model, engine.pad_id)
+    first = alone.admit([engine.encode_prompt("bad")])
+    second = alone.step(first.argmax(-1))
+    token = second.argmax(-1)
+    assert torch.allclose(batch.step(token), alone.step(token), atol=1e-5)
