@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shlex
 from pathlib import Path
 
@@ -247,3 +248,131 @@ def test_every_manifest_is_packaged():
     """pyproject ships cluster/manifests/*.yaml; every manifest must match that pattern."""
     yamls = {p.name for p in MANIFESTS.glob("*.yaml")}
     assert {"raycluster.yaml", "rayjob.yaml", "cluster-launcher.yaml"} <= yamls
+
+
+# --- metrics: Grafana dashboard and Prometheus alert rules ---------------------------------
+PROMQL_FUNCTIONS = {
+    "sum", "avg", "min", "max", "count", "rate", "irate", "increase", "changes", "abs", "clamp_min", "clamp_max",
+    "histogram_quantile", "avg_over_time", "max_over_time", "min_over_time", "by", "without", "ignoring", "on",
+    "group_left", "group_right",
+}  # fmt: skip
+SERVE_BUILTIN = {"ray_serve_deployment_replica_healthy": {"deployment", "application", "replica"}}
+"""Ray Serve's own series the manifests use (tests/serve/test_serve_ops.py sees them on a live endpoint)."""
+SERVE_LABELS = {"application", "deployment", "replica"}
+"""Labels Ray Serve adds to every metric a replica records."""
+
+
+def exported_series() -> dict[str, set[str]]:
+    """Every Prometheus series name the code exports -> the labels it may be filtered by."""
+    from cluster.run_log import METRICS as TRAINING
+    from cluster.telemetry import metric_name
+    from serve.metrics import METRICS, exported_names
+
+    out = dict(SERVE_BUILTIN)
+    for name, (kind, _, tags, _) in METRICS.items():
+        for series in exported_names(name, kind):
+            out[series] = set(tags) | SERVE_LABELS | ({"le"} if series.endswith("_bucket") else set())
+    out |= {"ray_" + metric_name(key): set() for key in TRAINING}
+    return out
+
+
+def check_promql(expr: str) -> set[str]:
+    """Structural checks of one PromQL expression (promtool is not installed); returns the series it reads."""
+    unquoted = re.sub(r'"[^"]*"', '""', expr)
+    pairs, stack = {")": "(", "]": "[", "}": "{"}, []
+    for ch in unquoted:
+        if ch in "([{":
+            stack.append(ch)
+        elif ch in pairs:
+            assert stack and stack.pop() == pairs[ch], f"unbalanced {ch!r} in {expr!r}"
+    assert not stack, f"unclosed {stack} in {expr!r}"
+    for fn in re.findall(r"\b([a-z_]+)\s*\(", unquoted):
+        assert fn in PROMQL_FUNCTIONS, f"unknown function {fn!r} in {expr!r}"
+    for window in re.findall(r"\[([^\]]*)\]", unquoted):
+        assert re.fullmatch(r"\d+[smhdw]", window), f"bad range [{window}] in {expr!r}"
+    series = exported_series()
+    used = set(re.findall(r"\b(ray_[a-z0-9_]+)", unquoted))
+    for name in used:
+        assert name in series, f"{name} is not a series the code exports (serve/metrics.py, cluster/telemetry.py)"
+    for name, matchers in re.findall(r"\b(ray_[a-z0-9_]+)\{([^}]*)\}", expr):
+        for matcher in matchers.split(","):
+            m = re.fullmatch(r'\s*([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"[^"]*"\s*', matcher)
+            assert m, f"bad label matcher {matcher!r} in {expr!r}"
+            assert m.group(1) in series[name], f"{name} has no label {m.group(1)!r}"
+    return used
+
+
+@pytest.fixture(scope="module")
+def alert_rules() -> dict:
+    return load("prometheus-alerts.yaml")
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    return json.loads((MANIFESTS / "grafana-dashboard.json").read_text())
+
+
+def test_alert_rules_are_well_formed(alert_rules):
+    assert set(alert_rules) == {"groups"}
+    names, used = set(), set()
+    for group in alert_rules["groups"]:
+        assert set(group) <= {"name", "interval", "rules"} and group["name"] and group["rules"]
+        for rule in group["rules"]:
+            assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+            assert re.fullmatch(r"Alignray[A-Z]\w+", rule["alert"]) and rule["alert"] not in names
+            names.add(rule["alert"])
+            assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["for"]
+            assert rule["labels"]["severity"] in {"warning", "critical"}
+            assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+            for text in rule["annotations"].values():
+                assert text.count("{{") == text.count("}}")
+            used |= check_promql(rule["expr"])
+    # the four the issue asks for: error rate, p99 latency, queue saturation, reward drift
+    assert {"AlignrayHighErrorRate", "AlignrayHighP99Latency", "AlignrayQueueSaturated", "AlignrayRewardDrift"} <= names
+    assert {"ray_alignray_requests_total", "ray_alignray_reward_probability_sum"} <= used
+
+
+def test_grafana_dashboard_is_well_formed(dashboard):
+    assert dashboard["title"] and dashboard["uid"] and dashboard["schemaVersion"] >= 36
+    (var,) = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+    assert var["query"] == "prometheus"
+    ids, cells, used = set(), set(), set()
+    for panel in dashboard["panels"]:
+        assert panel["id"] not in ids and panel["title"]
+        ids.add(panel["id"])
+        g = panel["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] >= 1 and g["y"] >= 0
+        area = {(g["x"] + dx, g["y"] + dy) for dx in range(g["w"]) for dy in range(g["h"])}
+        assert not area & cells, f"panel {panel['title']!r} overlaps another"
+        cells |= area
+        if panel["type"] == "row":
+            continue
+        assert panel["type"] in {"timeseries", "stat", "gauge", "bargauge", "heatmap", "table"}
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${" + var["name"] + "}"}
+        refs = [t["refId"] for t in panel["targets"]]
+        assert refs and len(refs) == len(set(refs))
+        for target in panel["targets"]:
+            used |= check_promql(target["expr"])
+    serving = {n for n in used if n.startswith("ray_alignray_") and not n.startswith("ray_alignray_train_")}
+    # every serving metric has a panel; the training ones the README's curves show do too
+    assert {s.rsplit("_", 1)[0] if s.endswith(("_bucket", "_sum", "_count")) else s for s in serving} >= {
+        "ray_alignray_request_latency_seconds",
+        "ray_alignray_time_to_first_token_seconds",
+        "ray_alignray_generated_tokens_total",
+        "ray_alignray_queue_length",
+        "ray_alignray_batch_occupancy",
+        "ray_alignray_reward_probability",
+    }
+    assert {"ray_alignray_train_rm_score", "ray_alignray_train_kl_ref", "ray_alignray_train_gold_score"} <= used
+
+
+def test_promql_checker_catches_mistakes():
+    for bad in (
+        "sum(rate(ray_alignray_requests_total[5m])",  # unclosed
+        "sum(rate(ray_alignray_request_total[5m]))",  # a name the code does not export
+        "rate(ray_alignray_requests_total[5 minutes])",
+        'sum(ray_alignray_queue_length{route="/v1/completions"})',  # a label it does not have
+        "summ(ray_alignray_queue_length)",
+    ):
+        with pytest.raises(AssertionError):
+            check_promql(bad)
