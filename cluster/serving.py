@@ -8,7 +8,9 @@
   print the URL, block until Ctrl-C or SIGTERM, then take the application down.
 
 The API key is ``serve.api_key`` or, when that is empty, the ``ALIGNRAY_API_KEY`` environment
-variable of the process that builds the application.
+variable of the process that builds the application; ``serve.api_keys_file`` adds a file of keys
+that is re-read when it changes (rotation without a restart). Metrics are on Ray's per-node
+Prometheus endpoint (see ``serve.metrics``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 from cluster.config import Config, ConfigError, load_config
@@ -35,6 +38,9 @@ def api_key(cfg: Config) -> str:
 def application(model: str, cfg: Config, reward_model: str | None = None):
     """The Serve application for a policy (anything :func:`resolve_policy` takes) under a config."""
     spec, name = resolve_policy(model)
+    keys = cfg.serve.api_keys_file
+    if keys and not Path(keys).is_file():
+        raise ConfigError(f"serve.api_keys_file: {keys} is not a file (one accepted key per line)")
     settings = cfg.model.model_copy(update={"policy": spec})
     return build_application(
         settings, cfg.serve.model_name or name, cfg.serve, api_key(cfg), reward_model, cfg.run.torch_threads
@@ -94,6 +100,9 @@ def run_serve(model: str, cfg: Config, reward_model: str | None = None) -> None:
         print(f"alignray: serving {url}/v1 (OpenAI-compatible; API key {key}); health at {url}/healthz", flush=True)
         if reward_model:
             print(f"alignray: reward model at {url}/v1/rewards", flush=True)
+        metrics_port = ray.nodes()[0].get("MetricsExportPort")
+        if metrics_port:
+            print(f"alignray: Prometheus metrics at http://127.0.0.1:{metrics_port}/metrics", flush=True)
         if cfg.serve.host not in ("127.0.0.1", "localhost", "::1") and key == "off":
             print("alignray: warning: listening beyond loopback without an API key", flush=True)
         print("alignray: press Ctrl-C to stop", flush=True)

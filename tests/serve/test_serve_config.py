@@ -130,3 +130,11 @@ def test_openapi_declares_every_error_status_with_the_openai_error_body():
             body = schema["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"]
             assert body == {"$ref": "#/components/schemas/ErrorResponse"}, (method, path, status)
     assert "HTTPValidationError" not in schema["components"]["schemas"]
+
+
+def test_a_missing_key_file_fails_at_build(tiny_policy_dir, tmp_path):
+    cfg = load_config(None, [f"serve.api_keys_file={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="serve.api_keys_file"):
+        application(tiny_policy_dir, cfg)
+    (tmp_path / "keys").write_text("k\n")
+    application(tiny_policy_dir, load_config(None, [f"serve.api_keys_file={tmp_path / 'keys'}"]))
