@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from cluster.config import load_config
-from policies.packing import pack_rows, packed_hidden
+from policies.packing import pack_rows, packed_logits
 
 
 def sample_episodes(cfg, episodes: int):
@@ -61,8 +61,8 @@ def token_rows(episodes):
 def plain_step(lm, opt, packing, actions, step: bool) -> float:
     """Forward + CE on generated tokens + backward (+ Adam step); seconds."""
     t0 = time.perf_counter()
-    hidden = packed_hidden(lm.base_model, packing)  # (N, H)
-    loss = torch.nn.functional.cross_entropy(lm.get_output_embeddings()(hidden), actions)
+    logits, _ = packed_logits(lm, packing)  # (N, V): the same packed pass and head path as the Learner's
+    loss = torch.nn.functional.cross_entropy(logits, actions)
     loss.backward()
     if step:
         opt.step()

@@ -2,8 +2,10 @@
 
 Same model, batch size (vector-env slots = generate rows), prompts (chat-formatted, from the
 prompt dataset), sampling settings (temperature 1, no top-k/top-p) and token budget. The
-EnvRunner is RLlib's ``SingleAgentEnvRunner`` built from our PPO config, sampling through the
-LM module's prefix KV cache; ``generate`` uses its own KV cache. Rounds alternate between the
+EnvRunner is training's own (:class:`policies.env_runner.ResponseEnvRunner` built from our PPO
+config) asked for one whole response per slot, as an iteration does, sampling through the LM
+module's prefix KV cache; ``generate`` writes one response per row with its own KV cache. Both
+count the tokens of the responses (up to and including EOS) over the time to finish the batch. Rounds alternate between the
 two so other load on the machine hits both alike. The env's reward is 'length' so the numbers
 compare generation, not reward-model scoring (pass --reward-model to include the RM).
 
@@ -58,19 +60,17 @@ def generate_tokens_per_s(lm, tok, prompts: list[str], cfg, batch: int, seed: in
 
 
 def make_runner(cfg, batch: int):
-    """An RLlib SingleAgentEnvRunner (in this process) with `batch` vector-env slots."""
-    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
-
+    """Training's EnvRunner (in this process) with `batch` vector-env slots."""
     from policies.algo import build_ppo_config
+    from policies.env_runner import ResponseEnvRunner
 
-    config = build_ppo_config(cfg, cfg.run.seed).env_runners(num_envs_per_env_runner=batch)
-    return SingleAgentEnvRunner(config=config)
+    return ResponseEnvRunner(config=build_ppo_config(cfg, cfg.run.seed).env_runners(num_envs_per_env_runner=batch))
 
 
-def runner_tokens_per_s(runner, steps: int) -> float:
-    """Sample `steps` env steps (generated tokens); tokens per second."""
+def runner_tokens_per_s(runner, batch: int) -> float:
+    """One whole response per slot, as a training iteration samples them; tokens per second."""
     t0 = time.perf_counter()
-    episodes = runner.sample(num_timesteps=steps, explore=True)
+    episodes = runner.sample(num_episodes=batch, explore=True)
     dt = time.perf_counter() - t0
     return sum(len(e) for e in episodes) / dt
 
@@ -102,13 +102,12 @@ def main() -> None:
     print(f"model={args.model} max_new_tokens={args.max_new_tokens} threads={args.threads} rounds={args.rounds}")
     for batch in args.batches:
         runner = make_runner(cfg, batch)
-        steps = batch * args.max_new_tokens
-        runner_tokens_per_s(runner, steps)  # warm-up: first prefill of every slot
+        runner_tokens_per_s(runner, batch)  # warm-up
         generate_tokens_per_s(lm, tok, prompts, cfg, batch, 0)
         gen, rl = [], []
         for r in range(args.rounds):
             gen.append(generate_tokens_per_s(lm, tok, prompts[r * batch :], cfg, batch, r))
-            rl.append(runner_tokens_per_s(runner, steps))
+            rl.append(runner_tokens_per_s(runner, batch))
         kv = runner.module._kv
         g, e = statistics.median(gen), statistics.median(rl)
         print(

@@ -15,7 +15,7 @@ from typing import Any
 
 import annotated_types as at
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from envs.data import REPO_ROOT, DataSettings
 from envs.models import ModelSettings
@@ -25,6 +25,7 @@ from envs.text_env import EnvSettings
 from policies.algo import RolloutSettings
 from policies.learner import PPOSettings
 from serve.app import ServeSettings
+from serve.labelling.settings import FeedbackSettings
 
 CONFIG_DIR = REPO_ROOT / "configs"
 
@@ -65,8 +66,26 @@ class Config(Settings):
     """Scaling: EnvRunners, Learners, resources."""
     serve: ServeSettings = Field(default_factory=ServeSettings)
     """HTTP serving."""
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    """Human feedback: the labelling app, its store, iterated rounds."""
     run: RunSettings = Field(default_factory=RunSettings)
     """Output, seed, checkpoints."""
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> Config:
+        learners, k = max(self.rollout.num_learners, 1), self.ppo.group_size
+        if self.ppo.minibatch_episodes % (learners * k):
+            raise ValueError(
+                f"ppo.minibatch_episodes ({self.ppo.minibatch_episodes}) must be a multiple of "
+                f"rollout.num_learners x ppo.group_size ({learners} x {k}): every Learner takes the "
+                "same number of whole groups per step"
+            )
+        if self.rollout.num_envs_per_env_runner % k:
+            raise ValueError(
+                f"rollout.num_envs_per_env_runner ({self.rollout.num_envs_per_env_runner}) must be a "
+                f"multiple of ppo.group_size ({k}): a group's responses are sampled side by side"
+            )
+        return self
 
 
 # ---- errors that name the field ---------------------------------------------------------------

@@ -62,7 +62,7 @@ class SubmitSettings(Settings):
 
 
 EXCLUDES = [
-    ".venv", "venv", ".git", "runs", "build", "**/__pycache__", "*.egg-info",
+    ".venv*", "venv*", ".git", "runs", "build", "**/__pycache__", "*.egg-info",
     ".pytest_cache", "*.tmp*", "*.ckpt", "*.safetensors", "*.gguf",
 ]  # fmt: skip
 """Never uploaded: environments, run outputs, caches and loose weight files."""

@@ -36,7 +36,10 @@ def plot_curves(cols: dict[str, list[float]], out: Path) -> list[Path]:
         if key not in cols:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-        ax.plot(x, cols[key], marker="o", ms=3)
+        ax.plot(x, cols[key], marker="o", ms=3, label="measured")
+        if key == "kl_ref" and any(v > 0 for v in cols.get("kl_target", [])):
+            ax.plot(x, cols["kl_target"], "--", color="gray", label="target (ppo.kl_target)")
+            ax.legend(loc="best", fontsize=8)
         ax.set(title=title, xlabel="iteration")
         ax.grid(alpha=0.3)
         fig.tight_layout()

@@ -8,26 +8,12 @@ from pathlib import Path
 from typing import Any
 
 METRICS = (
-    "iteration",
-    "rm_score",
-    "gold_score",
-    "reward",
-    "kl_ref",
-    "kl_coef",
-    "kl_coef_used",
-    "entropy",
-    "response_length",
-    "eos_rate",
-    "episodes",
-    "rollout_tokens_per_s",
-    "learner_tokens_per_s",
-    "policy_loss",
-    "vf_loss",
-    "total_loss",
-    "approx_kl",
-    "clipfrac",
-    "time_s",
-)
+    "iteration", "rm_score", "gold_score", "reward", "kl_ref", "kl_ref_k3", "kl_target", "kl_coef", "kl_coef_used",
+    "entropy", "response_length", "length_min", "length_max", "eos_rate", "truncated_rate", "empty_rate", "episodes",
+    "tokens", "rollout_tokens_per_s", "learner_tokens_per_s", "policy_loss", "vf_loss", "vf_explained_var",
+    "approx_kl", "clipfrac", "ratio_mean", "ratio_max", "ratio_dev", "first_approx_kl", "first_clipfrac",
+    "first_ratio_dev", "time_s",
+)  # fmt: skip
 """Columns of ``metrics.csv`` (one row per iteration)."""
 
 
@@ -48,27 +34,34 @@ def summarize(result: dict[str, Any], module_id: str = "default_policy") -> dict
     runners, timers = result.get("env_runners", {}), result.get("timers", {})
     resp = runners.get("response", {})
     learner = result.get("learners", {}).get(module_id, {})
-    return {
-        "iteration": int(result["training_iteration"]),
+    count = resp.get("count")
+    out = {"iteration": int(result["training_iteration"])}
+    out |= {k: _num(learner.get(k)) for k in METRICS if k in LEARNER_METRICS}
+    out |= {
         "rm_score": _ratio(resp.get("rm_score"), resp.get("rm_count")),
-        "gold_score": _ratio(resp.get("gold"), resp.get("count")),
-        "reward": _ratio(resp.get("reward"), resp.get("count")),
-        "kl_ref": _num(learner.get("kl_ref")),
-        "kl_coef": _num(learner.get("kl_coef")),  # after this iteration's update
-        "kl_coef_used": _num(learner.get("kl_coef_used")),  # shaped this iteration's rewards
-        "entropy": _num(learner.get("entropy")),
-        "response_length": _ratio(resp.get("length"), resp.get("count")),
-        "eos_rate": _ratio(resp.get("eos"), resp.get("count")),
-        "episodes": _num(resp.get("count", 0)),
-        "rollout_tokens_per_s": _ratio(runners.get("num_env_steps_sampled"), timers.get("env_runner_sampling_timer")),
-        "learner_tokens_per_s": _ratio(learner.get("num_module_steps_trained"), timers.get("learner_update_timer")),
-        "policy_loss": _num(learner.get("policy_loss")),
-        "vf_loss": _num(learner.get("vf_loss")),
-        "total_loss": _num(learner.get("total_loss")),
-        "approx_kl": _num(learner.get("approx_kl")),
-        "clipfrac": _num(learner.get("clipfrac")),
+        "gold_score": _ratio(resp.get("gold"), count),
+        "reward": _ratio(resp.get("reward"), count),
+        "response_length": _ratio(resp.get("length"), count),
+        "length_min": _num(resp.get("length_min")),
+        "length_max": _num(resp.get("length_max")),
+        "eos_rate": _ratio(resp.get("eos"), count),
+        "truncated_rate": 1.0 - _ratio(resp.get("eos"), count),  # responses that used the whole token budget
+        "empty_rate": _ratio(resp.get("empty", 0.0), count),
+        "episodes": _num(count or 0),
+        "tokens": _num(resp.get("length", 0)),
+        "rollout_tokens_per_s": _ratio(resp.get("length"), timers.get("env_runner_sampling_timer")),
+        "learner_tokens_per_s": _ratio(resp.get("length"), timers.get("learner_update_timer")),
         "time_s": _num(result.get("time_this_iter_s")),
     }
+    return out
+
+
+LEARNER_METRICS = {
+    "kl_ref", "kl_ref_k3", "kl_target", "kl_coef", "kl_coef_used", "entropy", "policy_loss", "vf_loss",
+    "vf_explained_var", "approx_kl", "clipfrac", "ratio_mean", "ratio_max", "ratio_dev", "first_approx_kl",
+    "first_clipfrac", "first_ratio_dev",
+}  # fmt: skip
+"""Columns read as is from the Learner's results (means over minibatches, or the first minibatch's)."""
 
 
 class RunLog:

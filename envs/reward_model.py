@@ -99,7 +99,7 @@ class RewardModel(nn.Module):
         return list(responses)
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Tokenize a batch of texts (left-truncated to max_length)."""
+        """Tokenize a batch of texts (left-truncated to max_length); an empty text becomes "." so every row has a token."""
         return self.tokenizer(
             [t if t.strip() else "." for t in texts],
             padding=True,

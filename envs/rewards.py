@@ -4,7 +4,8 @@ Every part scores a batch of finished responses at once (the vector env scores a
 that ended in one env step with one call). Parts:
 
 - ``reward_model``: the learned reward model's score (standardised with the mean/std saved at
-  RM training time when ``normalize``).
+  RM training time when ``normalize``). An empty response (EOS first, or only whitespace) is not
+  shown to the reward model, which never saw one in training: it scores ``empty_score``.
 - ``gold``: the gold annotator (VADER compound in [-1, 1]); always reported in ``info``.
 - ``length``: response tokens / max_new_tokens, in [0, 1].
 - ``eos``: 1 if the response ended with EOS, else 0.
@@ -79,6 +80,7 @@ class RewardFunction:
     normalize: bool = True
     no_eos_penalty: float = 0.0
     batch_size: int = 64
+    empty_score: float = -2.0
     parts: dict[str, Callable[[Finished], list[float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,11 +91,16 @@ class RewardFunction:
             raise ValueError("env.reward uses 'reward_model' but no reward model was given")
 
     def rm_reward(self, batch: Finished) -> list[float]:
-        """The reward model's (optionally standardised) score of each response."""
+        """The reward model's (optionally standardised) score of each response; ``empty_score`` for an empty one."""
         assert self.reward_model is not None
-        return self.reward_model.score(
-            batch.responses, batch.prompts, batch_size=self.batch_size, normalize=self.normalize
-        )
+        kept = [i for i, r in enumerate(batch.responses) if r.strip()]
+        scores = [self.empty_score] * len(batch.responses)
+        if kept:
+            got = self.reward_model.score([batch.responses[i] for i in kept], [batch.prompts[i] for i in kept],
+                                          batch_size=self.batch_size, normalize=self.normalize)
+            for i, s in zip(kept, got):
+                scores[i] = s
+        return scores
 
     def __call__(self, batch: Finished) -> tuple[list[float], list[dict[str, float]]]:
         """(total reward of each response, {part: value} of each response); 'gold' is always reported."""

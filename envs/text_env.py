@@ -18,14 +18,16 @@ response), right-padded with the pad id; ``length`` counts the real tokens.
 0 at every step but the last, which gets the reward function of the decoded response
 (:mod:`envs.rewards`: the learned reward model by default; also 'gold', 'length', 'eos', and a
 weighted sum), plus ``no_eos_penalty`` if the response never wrote EOS. An empty response (EOS
-first) is scored as the empty string like any other text. The last step's ``info`` is a
-:class:`ResponseInfo`.
+first) gets ``empty_response_score`` as its reward-model part (the reward model never saw an
+empty text); its other parts are computed as for any text (gold 0, length 0, eos 1). A response
+of one token is ordinary text. The last step's ``info`` is a :class:`ResponseInfo`.
 
 ## Starting state
 ``reset`` draws the next prompt from a seeded permutation of the dataset (this runner's share of
 it when several runners split the data) and returns its token ids, wrapped in the tokenizer's
 chat template for instruct models and left-truncated to ``max_prompt_tokens``.
-``options={"prompt": text}`` uses a given prompt instead.
+``options={"prompt": text}`` uses a given prompt instead, ``options={"prompt_index": i}`` a given
+prompt of the dataset (the vector env gives the k slots of a group the same prompt that way).
 
 ## Episode end
 Terminated when the policy writes EOS; truncated after ``max_new_tokens`` tokens.
@@ -94,6 +96,8 @@ class EnvSettings(Settings):
     """Added to the reward (use a negative number) when a response is truncated before EOS."""
     reward_normalization: bool = True
     """Standardise reward-model scores with the mean/std measured on the preference data."""
+    empty_response_score: float = -2.0
+    """Reward-model part of an empty response (EOS first), in the reward model's (normalised) units: two standard deviations below the mean by default."""
 
 
 class ResponseInfo(TypedDict):
@@ -107,6 +111,8 @@ class ResponseInfo(TypedDict):
     reward_parts: dict[str, float]
     """Each reward part unweighted; 'gold' is always there."""
     prompt_index: int
+    group: str
+    """Which group of responses to the same prompt this one belongs to (unique within one sample call of a runner)."""
 
 
 @dataclass
@@ -157,9 +163,8 @@ def build_resources(
     elif "reward_model" in s.reward:
         rm = load_reward_model(reward_model or RewardModelSettings())
     batch = (reward_model or RewardModelSettings()).score_batch_size
-    fn = RewardFunction(
-        dict(s.reward), rm, normalize=s.reward_normalization, no_eos_penalty=s.no_eos_penalty, batch_size=batch
-    )
+    fn = RewardFunction(dict(s.reward), rm, normalize=s.reward_normalization, no_eos_penalty=s.no_eos_penalty,
+                        batch_size=batch, empty_score=s.empty_response_score)
     return EnvResources(s, tok, vocab, list(prompts), PromptStream(len(prompts), seed), fn)
 
 
@@ -192,7 +197,7 @@ class TextGenerationEnv(gym.Env):
         )
         self._tokens: list[int] = []
         self._prompt_len = 0
-        self._prompt, self._index = "", -1
+        self._prompt, self._index, self.group = "", -1, ""
         self._done = True
 
     def _obs(self) -> dict[str, np.ndarray]:
@@ -205,11 +210,13 @@ class TextGenerationEnv(gym.Env):
         super().reset(seed=seed)
         if seed is not None and self._owns_stream:
             self.res.stream.reseed(seed)
-        if options and "prompt" in options:
+        options = options or {}
+        if "prompt" in options:
             self._index, self._prompt = -1, str(options["prompt"])
         else:
-            self._index = self.res.stream.next()
+            self._index = int(options["prompt_index"]) if "prompt_index" in options else self.res.stream.next()
             self._prompt = self.res.prompts[self._index]
+        self.group = str(options.get("group", self.res.stream.position))
         self._tokens = list(self.res.prompt_ids(self._prompt, self._index))
         self._prompt_len = len(self._tokens)
         self._done = False
@@ -263,6 +270,7 @@ class TextGenerationEnv(gym.Env):
             reward=total,
             reward_parts=parts,
             prompt_index=self._index,
+            group=self.group,
         )
 
     def step(self, action):

@@ -1,14 +1,18 @@
-"""Learner connector: values, GAE advantages and value targets for every token row.
+"""Learner connectors: token-level GAE advantages and value targets, then whitening over the whole iteration.
 
-Replaces RLlib's ``GeneralAdvantageEstimation`` for two reasons: a response that ended (EOS
-or the token budget) is terminal in RLHF, so its bootstrap value is 0 even when Gymnasium
-calls it "truncated" (only a chunk cut by the sampler bootstraps from V); and PPO's clipped
-value loss needs the old values, which RLlib's piece drops. Advantages are *not* whitened here
-(the loss whitens per minibatch when ``whiten_advantages``).
+:class:`TokenGAE` replaces RLlib's ``GeneralAdvantageEstimation``: a response that ended (EOS or
+the token budget) is terminal in RLHF, so its bootstrap value is 0 even when Gymnasium calls it
+"truncated" (iterations hold whole responses, so nothing is ever cut mid-response); and PPO's
+clipped value loss needs the old values, which RLlib's piece drops.
+
+:class:`WhitenAdvantages` standardises the advantages over every token of the iteration, pooled
+across Learners (as TRL and OpenRLHF do), not per minibatch: a minibatch of a few responses is too
+small a sample for its own mean and std.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,7 +22,8 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.evaluation.postprocessing import Postprocessing
 from ray.rllib.utils.annotations import override
 
-from policies.ppo_math import gae
+from envs.text_env import ResponseInfo
+from policies.ppo_math import explained_variance, gae
 
 
 def episode_gae(
@@ -42,29 +47,62 @@ def episode_gae(
     return adv, targets
 
 
+def response_ended(episode) -> bool:
+    """Whether an episode's response is finished (EOS or the token budget): then it bootstraps from 0."""
+    info: ResponseInfo = episode.get_infos(-1)
+    return bool(info.get("response_done", False))
+
+
 class TokenGAE(ConnectorV2):
-    """Adds ``vf_preds``, ``advantages`` and ``value_targets`` to the batch (values from the reference features already there)."""
+    """Adds ``vf_preds``, ``advantages`` and ``value_targets`` to the batch; records the critic's explained variance."""
 
     def __init__(
         self, input_observation_space=None, input_action_space=None, *, gamma: float, lambda_: float, **kwargs
     ):
         super().__init__(input_observation_space, input_action_space, **kwargs)
         self.gamma, self.lambda_ = gamma, lambda_
+        self.explained_variance = float("nan")
 
     @override(ConnectorV2)
     def __call__(self, *, rl_module, batch: dict[str, Any], episodes: list, **kwargs) -> Any:
         sa_episodes = list(self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False))
         lens = [len(e) for e in sa_episodes]
-        ended = [bool(e.get_infos(-1).get("response_done", False)) for e in sa_episodes]
+        ended = [response_ended(e) for e in sa_episodes]
         for mid, mbatch in batch.items():
-            module = rl_module[mid].unwrapped()
             with torch.no_grad():
-                values = module.compute_values(mbatch)  # (N,)
-            device = values.device
-            v = values.float().cpu().numpy()
+                values = rl_module[mid].unwrapped().compute_values(mbatch).float()  # (N,)
             r = mbatch[Columns.REWARDS].float().cpu().numpy()
-            adv, targets = episode_gae(r, v, lens, ended, self.gamma, self.lambda_)
-            mbatch[Columns.VF_PREDS] = values.float()
-            mbatch[Postprocessing.ADVANTAGES] = torch.from_numpy(adv).to(device)
-            mbatch[Postprocessing.VALUE_TARGETS] = torch.from_numpy(targets).to(device)
+            adv, targets = episode_gae(r, values.cpu().numpy(), lens, ended, self.gamma, self.lambda_)
+            mbatch[Columns.VF_PREDS] = values
+            mbatch[Postprocessing.ADVANTAGES] = torch.from_numpy(adv).to(values.device)
+            mbatch[Postprocessing.VALUE_TARGETS] = torch.from_numpy(targets).to(values.device)
+            self.explained_variance = explained_variance(
+                values, mbatch[Postprocessing.VALUE_TARGETS], mbatch[Columns.LOSS_MASK].bool()
+            )
+        return batch
+
+
+class WhitenAdvantages(ConnectorV2):
+    """Standardise ``advantages`` over the valid rows of the whole iteration, mean and std pooled across Learners."""
+
+    def __init__(
+        self,
+        input_observation_space=None,
+        input_action_space=None,
+        *,
+        all_reduce_sum: Callable[[list[float]], list[float]],
+        **kwargs,
+    ):
+        super().__init__(input_observation_space, input_action_space, **kwargs)
+        self.all_reduce_sum = all_reduce_sum
+
+    @override(ConnectorV2)
+    def __call__(self, *, rl_module, batch: dict[str, Any], episodes: list, **kwargs) -> Any:
+        for mbatch in batch.values():
+            adv, mask = mbatch[Postprocessing.ADVANTAGES], mbatch[Columns.LOSS_MASK].bool()
+            valid = adv[mask].double()
+            total, squares, n = self.all_reduce_sum([float(valid.sum()), float((valid**2).sum()), float(mask.sum())])
+            mean = total / max(n, 1.0)
+            std = max(squares / max(n, 1.0) - mean**2, 0.0) ** 0.5
+            mbatch[Postprocessing.ADVANTAGES] = torch.where(mask, (adv - mean) / (std + 1e-8), 0.0).float()
         return batch

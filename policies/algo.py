@@ -1,10 +1,12 @@
 """The one adapter from alignray's settings to RLlib's ``PPOConfig``, and the ``rollout`` section it owns.
 
 Nothing else in the code base builds RLlib configuration. It reads the sections of any
-:class:`TrainingSections` (the application config is one). Sizes in RLlib are timesteps (one
-generated token each): an iteration collects ``episodes_per_iteration * max_new_tokens``
-tokens and a minibatch holds ``minibatch_episodes * max_new_tokens``. Minibatches are not
-shuffled so an episode's rows stay adjacent and pack into one forward pass.
+:class:`TrainingSections` (the application config is one) and plugs in alignray's extension
+points: :class:`~policies.algorithm.ResponsePPO` (iterations of exactly N whole responses),
+:class:`~policies.env_runner.ResponseEnvRunner` (each runner its share of the prompts, whole
+responses only), :class:`~policies.learner.LMPPOLearner` and :class:`~policies.lm_module.LMModule`.
+RLlib's timestep-based batch sizes are set consistently but do not decide anything: the
+Learner cuts minibatches by response.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from envs.reward_model import RewardModelSettings
 from envs.settings import Settings
 from envs.text_env import EnvSettings
 from envs.text_vector_env import make_text_env
+from policies.algorithm import ResponsePPO
 from policies.callbacks import DataPositions, ResponseMetrics
+from policies.env_runner import ResponseEnvRunner
 from policies.learner import LMPPOLearner, PPOSettings
 from policies.lm_module import LMModule, ModuleSettings
 
@@ -85,6 +89,7 @@ def env_config(cfg: TrainingSections, seed: int) -> dict[str, Any]:
         "data": data,
         "reward_model": cfg.reward_model.resolved(),
         "seed": seed,
+        "group_size": cfg.ppo.group_size,
         "shared_reward_actor": cfg.rollout.reward_model_placement == "actor",
     }
 
@@ -95,6 +100,7 @@ def module_spec(cfg: TrainingSections) -> RLModuleSpec:
         model=cfg.model.model_copy(update={"policy": absolute_spec(cfg.model.policy)}),
         temperature=cfg.ppo.temperature,
         reference_dtype=cfg.ppo.reference_dtype,
+        critic=cfg.ppo.critic,
     )
     return RLModuleSpec(module_class=LMModule, model_config={"settings": settings.model_dump()})
 
@@ -107,7 +113,7 @@ def build_ppo_config(cfg: TrainingSections, seed: int) -> RLlibPPOConfig:
     per_learner = max(tokens // max(r.num_learners, 1), 1)
     minibatch = min(p.minibatch_episodes * e.max_new_tokens, per_learner)
     return (
-        RLlibPPOConfig()
+        RLlibPPOConfig(algo_class=ResponsePPO)
         .framework("torch")
         .environment(env=RLLIB_ENV, env_config=env_config(cfg, seed), disable_env_checking=True)
         .env_runners(
@@ -117,8 +123,8 @@ def build_ppo_config(cfg: TrainingSections, seed: int) -> RLlibPPOConfig:
             num_cpus_per_env_runner=r.num_cpus_per_env_runner,
             num_gpus_per_env_runner=r.num_gpus_per_env_runner,
             custom_resources_per_env_runner=dict(r.custom_resources_per_env_runner),
-            batch_mode="truncate_episodes",
-            rollout_fragment_length="auto",
+            env_runner_cls=ResponseEnvRunner,
+            batch_mode="complete_episodes",
         )
         .learners(
             num_learners=r.num_learners,

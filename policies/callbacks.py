@@ -29,6 +29,7 @@ def response_values(info: ResponseInfo | dict) -> dict[str, float] | None:
         "gold": float(parts.get("gold", float("nan"))),
         "length": float(info["response_tokens"]),
         "eos": float(info["eos"]),
+        "empty": float(not str(info.get("response", "")).strip()),  # nothing but EOS or special tokens
         "reward": float(info["reward"]),
     }
 
@@ -46,6 +47,8 @@ class ResponseMetrics(RLlibCallback):
                 metrics_logger.log_value(("response", name), value, reduce="sum")
         if values["rm_score"] == values["rm_score"]:
             metrics_logger.log_value(("response", "rm_count"), 1.0, reduce="sum")
+        metrics_logger.log_value(("response", "length_min"), values["length"], reduce="min")
+        metrics_logger.log_value(("response", "length_max"), values["length"], reduce="max")
 
 
 def data_positions(group) -> dict[int, dict]:

@@ -1,17 +1,19 @@
-"""The PPO learner for the language-model policy.
+"""The PPO learner for the language-model policy, and the ``ppo`` section it owns.
 
-On top of RLlib's ``PPOTorchLearner``: the learner pipeline ends with KL-to-reference reward
-shaping followed by token-level GAE (replacing RLlib's GAE piece); the loss is the clipped PPO
-surrogate with per-minibatch advantage whitening, the PPO2 clipped value loss and an entropy
-bonus, all from :mod:`policies.ppo_math`; the KL coefficient follows a
-:class:`~policies.ppo_math.KLController` (fixed or adaptive) and is saved with the learner
-state. RLlib's own KL(old || new) loss term stays off (``use_kl_loss=False``).
+On top of RLlib's ``PPOTorchLearner``. Its learner pipeline ends with KL-to-reference reward
+shaping, token-level GAE (replacing RLlib's piece) and advantage whitening over the whole
+iteration, pooled across Learners (:mod:`policies.advantages`). Each iteration's whole responses
+are then cut into seeded minibatches of whole responses (:mod:`policies.minibatches`): every
+token is trained exactly ``epochs`` times, on every Learner the same number of steps. The loss is
+the clipped PPO surrogate, the PPO2 clipped value loss and an optional entropy bonus
+(:mod:`policies.ppo_math`); with several Learners each one's loss is scaled by its share of the
+minibatch's tokens, so the DDP-averaged gradient is the mean over every token. The KL coefficient
+follows a :class:`~policies.ppo_math.KLController` fed the iteration's KL pooled across Learners,
+and is saved with the learner state. RLlib's own KL(old || new) loss term stays off.
 
-The LM and the value head have separate fused Adam optimizers (the head, on frozen reference
-features, learns at its own ``vf_lr``).
-
-Its settings are the ``ppo`` section, :class:`PPOSettings`, passed as
-``learner_config_dict={"ppo": PPOSettings(...).model_dump()}``.
+Metrics per iteration (means over all minibatches, plus the first minibatch alone, where the
+ratio must be exactly 1): ratio mean and max, |ratio - 1|, clipfrac, approx-KL, losses, entropy,
+the critic's explained variance, the KL to the reference and the coefficient.
 """
 
 from __future__ import annotations
@@ -19,18 +21,23 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
 from ray.rllib.evaluation.postprocessing import Postprocessing
 from ray.rllib.utils.annotations import override
 
 from envs.settings import Settings
-from policies.advantages import TokenGAE
-from policies.kl_shaping import KLToReference
-from policies.lm_module import ENTROPY, LOGP
-from policies.ppo_math import KLController, masked_mean, pg_loss, value_loss, whiten
+from policies.advantages import TokenGAE, WhitenAdvantages
+from policies.kl_shaping import KLStats, KLToReference
+from policies.lm_module import ENTROPY, LOGP, Critic
+from policies.minibatches import ResponseMinibatches, group_units
+from policies.ppo_math import KLController, masked_mean, pg_loss, value_loss
+
+logger = logging.getLogger(__name__)
 
 
 class PPOSettings(Settings):
@@ -39,25 +46,29 @@ class PPOSettings(Settings):
     iterations: int = Field(20, ge=1)
     """Training iterations (one rollout + one update each)."""
     episodes_per_iteration: int = Field(64, ge=1)
-    """Responses per iteration across all EnvRunners; RLlib counts tokens, so an iteration collects episodes_per_iteration * env.max_new_tokens tokens."""
+    """Whole responses per iteration across all EnvRunners: each healthy EnvRunner writes its share (N / EnvRunners, in whole groups) and nothing carries over; the tokens are those responses' tokens (at most N x env.max_new_tokens)."""
     minibatch_episodes: int = Field(16, ge=1)
-    """Episodes per SGD minibatch (minibatch_episodes * env.max_new_tokens tokens, not shuffled so episodes pack)."""
+    """Responses per SGD step across all Learners (each takes its 1/num_learners of them); responses are shuffled (seeded) into minibatches each epoch, so each token is trained exactly `epochs` times."""
     epochs: int = Field(2, ge=1)
-    """SGD passes over each train batch."""
+    """SGD passes over each iteration's responses."""
+    group_size: int = Field(1, ge=1)
+    """Responses per prompt within an iteration (k > 1 for GRPO/RLOO): k slots of a vector env answer the same prompt."""
     lr: float = Field(1e-5, gt=0)
     """Adam learning rate of the policy."""
+    critic: Critic = "reference"
+    """What the value head reads: 'reference' (the frozen reference's final hidden state: no extra pass, the critic never pulls on the policy) or 'policy' (the policy's own, trained through the shared trunk)."""
     vf_lr: float = Field(1e-3, gt=0)
-    """Adam learning rate of the value head (a linear head on the frozen reference model's hidden states)."""
-    reference_dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    """Weights of the frozen reference model (KL penalty and value features); bfloat16 halves its memory and, on CPUs with AMX or on GPUs, makes its pass about 3x faster at about 0.03 nats/token of log-prob error."""
+    """Adam learning rate of the value head with critic='reference' (a linear head on frozen features learns nothing at the policy's lr)."""
+    vf_loss_coeff: float = Field(0.1, ge=0)
+    """Weight of the value loss in the shared trunk's gradient (critic='policy'). With critic='reference' the head has its own Adam, which is invariant to a constant weight, so it is not used."""
+    reference_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights of the frozen reference model: bfloat16 halves its memory and is about 3x faster on GPUs and on CPUs with AMX, at about 0.03 nats/token of log-prob error (on CPUs without fast bfloat16 it is slower)."""
     grad_clip: float = Field(1.0, gt=0)
     """Global gradient-norm clip."""
     clip_param: float = Field(0.2, gt=0, lt=1)
     """PPO ratio clip epsilon."""
     vf_clip_param: float = Field(0.2, gt=0)
     """Value clip around the old value estimate (in reward units)."""
-    vf_loss_coeff: float = Field(0.1, ge=0)
-    """Weight of the value loss."""
     entropy_coeff: float = Field(0.0, ge=0)
     """Weight of the entropy bonus."""
     gamma: float = Field(1.0, gt=0, le=1)
@@ -65,26 +76,44 @@ class PPOSettings(Settings):
     lambda_: float = Field(0.95, ge=0, le=1)
     """GAE lambda."""
     whiten_advantages: bool = True
-    """Standardise advantages per minibatch."""
+    """Standardise advantages over every token of the iteration (pooled across Learners), as TRL and OpenRLHF do."""
     kl_coef: float = Field(0.05, ge=0)
     """Initial (or fixed) KL-to-reference penalty coefficient."""
     kl_target: float = Field(4.0, ge=0)
     """Target KL per response in nats for the adaptive controller (0 = fixed coefficient)."""
-    kl_horizon: int = Field(10000, ge=1)
-    """Adaptive KL controller horizon in episodes (Ziegler et al. 2019)."""
+    kl_horizon_iterations: float = Field(2.0, ge=1)
+    """Adaptive KL controller horizon in iterations: the coefficient moves by at most 20% / horizon per iteration (Ziegler et al.'s horizon in responses divided by the responses per iteration)."""
     temperature: float = Field(1.0, gt=0)
-    """Sampling temperature during rollouts."""
-    top_k: int = Field(0, ge=0)
-    """Top-k sampling during rollouts (0 = off)."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling during rollouts (1.0 = off)."""
+    """Sampling temperature during rollouts (the learner's log-probs use the same one)."""
+    top_k: int = 0
+    """Must stay 0 for training (see top_p); serving takes top-k/top-p per request."""
+    top_p: float = 1.0
+    """Must stay 1.0 for training: a truncated sampler draws tokens from a distribution the learner does not optimise, so the PPO ratio and the KL estimate would be taken against a policy that did not write the tokens (TRL and veRL do not train with it either)."""
 
+    @field_validator("top_k", "top_p")
+    @classmethod
+    def _full_distribution(cls, value, info):
+        if value != cls.model_fields[info.field_name].default:
+            raise ValueError(
+                f"training samples from the full (tempered) distribution, so that the recorded log-prob "
+                f"is the one the learner optimises; {info.field_name} is for serving (a request "
+                f"parameter), got {value!r}"
+            )
+        return value
 
-def pooled_kl(last: dict[str, float], all_reduce_sum) -> tuple[float, float]:
-    """(mean per-response KL, responses) of the whole batch across Learners, from this Learner's shard stats."""
-    kl_sum, responses = (last["kl_ref"] * last["responses"], last["responses"]) if last else (0.0, 0.0)
-    kl_sum, responses = all_reduce_sum([kl_sum, responses])
-    return (kl_sum / responses if responses > 0 else 0.0), responses
+    @model_validator(mode="after")
+    def _whole_minibatches(self) -> PPOSettings:
+        if self.minibatch_episodes % self.group_size:
+            raise ValueError(
+                f"minibatch_episodes ({self.minibatch_episodes}) must be a multiple of group_size "
+                f"({self.group_size}): a group is never split across minibatches"
+            )
+        if self.episodes_per_iteration % self.minibatch_episodes:
+            raise ValueError(
+                f"episodes_per_iteration ({self.episodes_per_iteration}) must be a multiple of "
+                f"minibatch_episodes ({self.minibatch_episodes}): every minibatch holds as many responses"
+            )
+        return self
 
 
 def _nonzero(coeff) -> bool:
@@ -94,26 +123,90 @@ def _nonzero(coeff) -> bool:
     return float(coeff) != 0.0
 
 
-logger = logging.getLogger(__name__)
-
-
 class LMPPOLearner(PPOTorchLearner):
-    """PPO over token actions with KL-to-reference shaping and an adaptive KL coefficient."""
+    """PPO over token actions: whole-response minibatches, KL-to-reference shaping, an adaptive KL coefficient."""
 
     @override(PPOTorchLearner)
     def build(self) -> None:
         super().build()
         self.settings = p = PPOSettings.model_validate(self.config.learner_config_dict["ppo"])
-        self.kl_controller = KLController(coef=p.kl_coef, target=p.kl_target, horizon=p.kl_horizon)
-        self.whiten_advantages = p.whiten_advantages
+        self.kl_controller = KLController(coef=p.kl_coef, target=p.kl_target, horizon=p.kl_horizon_iterations)
+        self._updates = 0  # seeds each update's minibatch order; saved with the state
+        self._minibatch = 0
         for module_id in self.module.keys():  # the entropy is only a metric unless the bonus is on
             self.module[module_id].unwrapped().entropy_grad = _nonzero(self.config.entropy_coeff)
         self.kl_connector = KLToReference(controller=self.kl_controller)
+        self.gae_connector = TokenGAE(gamma=self.config.gamma, lambda_=self.config.lambda_)
         pipe = self._learner_connector
         if pipe is not None and self.config.add_default_connectors_to_learner_pipeline:
             pipe.remove("GeneralAdvantageEstimation")
             pipe.append(self.kl_connector)
-            pipe.append(TokenGAE(gamma=self.config.gamma, lambda_=self.config.lambda_))
+            pipe.append(self.gae_connector)
+            if p.whiten_advantages:
+                pipe.append(WhitenAdvantages(all_reduce_sum=self._all_reduce_sum))
+
+    @override(PPOTorchLearner)
+    def _create_iterator_if_necessary(self, *, training_data, num_epochs=1, **kwargs):
+        """Seeded minibatches of whole responses (groups), after the connectors ran once over the whole shard."""
+        if training_data.episodes is None:
+            return super()._create_iterator_if_necessary(training_data=training_data, num_epochs=num_epochs, **kwargs)
+        batch = self._make_batch_if_necessary(training_data=training_data)
+        episodes = list(
+            ConnectorV2.single_agent_episode_iterator(training_data.episodes, agents_that_stepped_only=False)
+        )
+        units = group_units(episodes)
+        per = self.settings.minibatch_episodes // self.settings.group_size // max(self.config.num_learners, 1)
+        rng = np.random.default_rng([self.config.seed or 0, self._updates])
+        self._updates, self._minibatch = self._updates + 1, 0
+        return ResponseMinibatches(batch, [len(e) for e in episodes], units, per, num_epochs, rng)
+
+    @override(PPOTorchLearner)
+    def compute_loss_for_module(self, *, module_id, config, batch: dict[str, Any], fwd_out: dict[str, Any]):
+        module = self.module[module_id].unwrapped()
+        mask = batch[Columns.LOSS_MASK].bool()  # (N,) False on the bootstrap rows
+        advantages = batch[Postprocessing.ADVANTAGES]  # (N,) already whitened over the iteration
+        logp, old_logp = fwd_out[LOGP], batch[Columns.ACTION_LOGP].float()  # (N,)
+        policy_loss, clipfrac = pg_loss(logp, old_logp, advantages, config.clip_param, mask)
+        values = module.compute_values(batch, fwd_out.get(Columns.EMBEDDINGS))  # (N,)
+        vf_loss = value_loss(
+            values, batch[Columns.VF_PREDS], batch[Postprocessing.VALUE_TARGETS], config.vf_clip_param, mask
+        )
+        entropy = masked_mean(fwd_out[ENTROPY], mask)
+        entropy_coeff = self.entropy_coeff_schedulers_per_module[module_id].get_current_value()
+        # The reference critic's head has its own Adam: a weight on its loss would cancel (see vf_loss_coeff).
+        vf_weight = config.vf_loss_coeff if self.settings.critic == "policy" else 1.0
+        total = (policy_loss + vf_weight * vf_loss - entropy_coeff * entropy) * self._token_share(mask)
+        self._log_minibatch(module_id, logp.detach(), old_logp, mask, policy_loss, vf_loss, entropy, clipfrac)
+        return total
+
+    def _token_share(self, mask: torch.Tensor) -> float:
+        """Learners x this Learner's share of the minibatch's tokens: DDP's mean of gradients becomes the token mean."""
+        learners = max(self.config.num_learners, 1)
+        if learners == 1:
+            return 1.0
+        tokens = float(mask.sum())
+        return tokens * learners / max(self._all_reduce_sum([tokens])[0], 1.0)
+
+    def _log_minibatch(self, module_id, logp, old_logp, mask, policy_loss, vf_loss, entropy, clipfrac) -> None:
+        """Means over every minibatch of the update, and the first minibatch alone (where the ratio must be 1)."""
+        ratio = torch.exp(logp - old_logp)
+        log_ratio = logp - old_logp
+        stats = {
+            "policy_loss": policy_loss.detach(),
+            "vf_loss": vf_loss.detach(),
+            "entropy": entropy.detach(),
+            "clipfrac": clipfrac,
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+            "ratio_dev": masked_mean((ratio - 1).abs(), mask),
+        }
+        for name, value in stats.items():
+            self.metrics.log_value((module_id, name), float(value), reduce="mean")
+        self.metrics.log_value((module_id, "ratio_max"), float(ratio[mask].max()), reduce="max")
+        if self._minibatch == 0:
+            for name in ("clipfrac", "approx_kl", "ratio_dev"):
+                self.metrics.log_value((module_id, f"first_{name}"), float(stats[name]), window=1)
+        self._minibatch += 1
 
     @override(PPOTorchLearner)
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
@@ -121,7 +214,8 @@ class LMPPOLearner(PPOTorchLearner):
         module = self.module[module_id].unwrapped()
         head = list(module.vf_head.parameters())
         lm = [p for p in self.get_parameters(self.module[module_id]) if all(p is not h for h in head)]
-        vf_lr = PPOSettings.model_validate(config.learner_config_dict["ppo"]).vf_lr
+        settings = PPOSettings.model_validate(config.learner_config_dict["ppo"])
+        vf_lr = settings.vf_lr if settings.critic == "reference" else config.lr
         for name, params, lr in (("policy", lm, config.lr), ("value", head, vf_lr)):
             self.register_optimizer(
                 module_id=module_id,
@@ -155,56 +249,27 @@ class LMPPOLearner(PPOTorchLearner):
                 self.get_optimizer(module_id, name).step()
 
     @override(PPOTorchLearner)
-    def compute_loss_for_module(
-        self, *, module_id, config, batch: dict[str, Any], fwd_out: dict[str, Any]
-    ) -> torch.Tensor:
-        module = self.module[module_id].unwrapped()
-        mask = batch[Columns.LOSS_MASK].bool() if Columns.LOSS_MASK in batch else None  # (N,)
-        advantages = batch[Postprocessing.ADVANTAGES]  # (N,)
-        if self.whiten_advantages:
-            advantages = whiten(advantages, mask)
-        logp, old_logp = fwd_out[LOGP], batch[Columns.ACTION_LOGP].float()  # (N,)
-        policy_loss, clipfrac = pg_loss(logp, old_logp, advantages, config.clip_param, mask)
-        values = module.compute_values(batch)  # (N,) the head on the batch's reference features
-        vf_loss = value_loss(
-            values, batch[Columns.VF_PREDS], batch[Postprocessing.VALUE_TARGETS], config.vf_clip_param, mask
-        )
-        entropy = masked_mean(fwd_out[ENTROPY], mask)
-        entropy_coeff = self.entropy_coeff_schedulers_per_module[module_id].get_current_value()
-        total = policy_loss + config.vf_loss_coeff * vf_loss - entropy_coeff * entropy
-        with torch.no_grad():
-            log_ratio = logp - old_logp
-            approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
-        self.metrics.log_dict(
-            {
-                "policy_loss": policy_loss,
-                "vf_loss": vf_loss,
-                "entropy": entropy,
-                "total_loss_pg": total,
-                "approx_kl": approx_kl,
-                "clipfrac": clipfrac,
-                "value_mean": masked_mean(values.detach(), mask),
-            },
-            key=module_id,
-            window=1,
-        )
-        return total
-
-    @override(PPOTorchLearner)
     def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
         super().after_gradient_based_update(timesteps=timesteps)
-        last = self.kl_connector.last
-        if last:
-            for module_id in self.module.keys():
-                self.metrics.log_dict({k: v for k, v in last.items()}, key=module_id, window=1)
-        kl, responses = pooled_kl(last, self._all_reduce_sum)
-        if responses > 0:
-            self.kl_controller.update(kl, int(round(responses)))
+        kl = pooled_kl(self.kl_connector.last, self._all_reduce_sum)
+        coef_used = self.kl_controller.coef
+        self.kl_controller.update(kl)
         for module_id in self.module.keys():
-            self.metrics.log_value((module_id, "kl_coef"), self.kl_controller.coef, window=1)
+            self.metrics.log_dict(
+                {
+                    "kl_ref": kl,
+                    "kl_coef_used": coef_used,
+                    "kl_coef": self.kl_controller.coef,
+                    "kl_target": self.settings.kl_target,
+                    "kl_ref_k3": self.kl_connector.last.kl_k3_sum / max(self.kl_connector.last.responses, 1),
+                    "vf_explained_var": self.gae_connector.explained_variance,
+                },
+                key=module_id,
+                window=1,
+            )
 
     def _all_reduce_sum(self, values: list[float]) -> list[float]:
-        """Sum values over all Learners (identity with one), so every Learner moves the KL coefficient alike."""
+        """Sum values over all Learners (identity with one), so every Learner sees the same totals."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self._device)
@@ -215,6 +280,7 @@ class LMPPOLearner(PPOTorchLearner):
     def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
         state = super().get_state(components, not_components=not_components, **kwargs)
         state["kl_controller"] = {"coef": self.kl_controller.coef}
+        state["minibatch_updates"] = self._updates
         return state
 
     @override(PPOTorchLearner)
@@ -222,3 +288,10 @@ class LMPPOLearner(PPOTorchLearner):
         super().set_state(state)
         if "kl_controller" in state:
             self.kl_controller.coef = float(state["kl_controller"]["coef"])
+        self._updates = int(state.get("minibatch_updates", self._updates))
+
+
+def pooled_kl(stats: KLStats, all_reduce_sum) -> float:
+    """Mean per-response KL of the whole iteration across Learners, from this Learner's :class:`KLStats`."""
+    kl_sum, responses = all_reduce_sum([stats.kl_sum, float(stats.responses)])
+    return kl_sum / responses if responses > 0 else 0.0

@@ -1,22 +1,22 @@
 """The language-model policy as an RLlib new-API-stack ``TorchRLModule``.
 
 - EnvRunners (``inference_only``) hold only the causal LM. ``_forward_exploration`` samples the
-  next token with temperature / top-k / top-p through a private prefix-keyed KV cache and
-  returns only ``actions`` and ``action_logp`` (never full-vocabulary logits, which RLlib would
-  store for every token of every episode). ``_forward_inference`` decodes greedily.
+  next token at the rollout temperature through a private prefix-keyed KV cache and returns only
+  ``actions`` and ``action_logp`` (never full-vocabulary logits, which RLlib would store for every
+  token of every episode). ``_forward_inference`` decodes greedily.
 - The Learner also holds a frozen reference copy of the initial LM (for the KL penalty, in
-  ``reference_dtype``) and a value head (``ValueFunctionAPI``) that reads the *reference*
-  model's final hidden state. One no-grad reference pass per train batch therefore gives both
-  the reference log-probs and the old values (stored as the ``ref_hidden`` column), and the
-  value loss trains the head on those cached features: a PPO update costs one policy
-  forward+backward plus one reference forward, with no separate value pass, and the critic's
-  gradients never disturb the policy. Both are listed in ``get_non_inference_attributes`` so
-  EnvRunners never build or receive them. The reference model is kept out of ``state_dict``
-  (it is rebuilt from the model spec), so checkpoints and weight syncs carry only the policy
-  and value head.
-- ``_forward_train`` packs each episode's rows into one causal pass (:mod:`policies.packing`)
-  and puts the LM head only on the generated-token rows; the entropy (a metric unless the
-  entropy bonus is on) is computed without a graph when ``entropy_grad`` is False.
+  ``reference_dtype``) and a value head (``ValueFunctionAPI``). With ``critic='reference'`` the head
+  reads the *reference* model's final hidden state: one no-grad reference pass per train batch
+  gives both the reference log-probs and the value features (the ``ref_hidden`` column), and the
+  critic never pulls on the policy. With ``critic='policy'`` the head reads the policy's own final
+  hidden state and its loss trains the shared trunk too. Both live in
+  ``get_non_inference_attributes`` so EnvRunners never build or receive them; the reference is
+  kept out of ``state_dict`` (it is rebuilt from the model spec).
+- Every log-prob (sampler, learner, reference, evaluation) comes from the model's own forward
+  (:func:`policies.packing.packed_logits`, or the KV cache's forward), so a family that transforms
+  its logits (Gemma2 soft-capping, Granite scaling) is sampled and trained under one distribution.
+  ``_forward_train`` packs each episode's rows into one causal pass with the LM head only on its
+  rows; the entropy (a metric unless the entropy bonus is on) has no graph when ``entropy_grad`` is False.
 
 The module's ``model_config`` is ``{"settings": ModuleSettings(...).model_dump()}``.
 """
@@ -35,13 +35,14 @@ from torch import nn
 from envs.models import ModelSettings, load_causal_lm
 from envs.settings import Settings
 from policies.kv_cache import PrefixKVCache
-from policies.packing import pack_rows, packed_hidden
+from policies.packing import pack_rows, packed_logits
 from policies.ppo_math import entropy_from_logp
 from policies.sampling import sample_tokens, scaled_logp
 
 LOGP = "logp"
 ENTROPY = "entropy"
 REF_HIDDEN = "ref_hidden"  # (N, H) float32 final hidden state of the reference model at each row
+Critic = Literal["reference", "policy"]
 
 
 class ModuleSettings(Settings):
@@ -53,6 +54,8 @@ class ModuleSettings(Settings):
     """Sampling temperature of rollouts (the learner's log-probs use the same one)."""
     reference_dtype: Literal["float32", "bfloat16"]
     """Weights of the frozen reference model on the Learner."""
+    critic: Critic
+    """Which final hidden state the value head reads: the frozen reference's or the policy's own."""
 
 
 class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
@@ -70,15 +73,13 @@ class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         self.entropy_grad = True  # the learner turns this off when the entropy bonus is 0
         if self.inference_only:
             self.eval()  # EnvRunners only sample: no train/eval toggling of every submodule per step
-        else:
-            hidden = self.lm.config.get_text_config().hidden_size
-            self.vf_head = nn.Linear(hidden, 1)
-            nn.init.zeros_(self.vf_head.weight)
-            nn.init.zeros_(self.vf_head.bias)
-            ref, _ = load_causal_lm(*self.spec)
-            ref = ref.to(getattr(torch, self.settings.reference_dtype))
-            ref.requires_grad_(False)
-            object.__setattr__(self, "_ref_lm", ref.eval())  # not a submodule: no state, no optimizer
+            return
+        self.vf_head = nn.Linear(self.lm.config.get_text_config().hidden_size, 1)
+        nn.init.zeros_(self.vf_head.weight)
+        nn.init.zeros_(self.vf_head.bias)
+        ref, _ = load_causal_lm(*self.spec)
+        ref = ref.to(getattr(torch, self.settings.reference_dtype)).requires_grad_(False)
+        object.__setattr__(self, "_ref_lm", ref.eval())  # not a submodule: no state, no optimizer
 
     @override(InferenceOnlyAPI)
     def get_non_inference_attributes(self) -> list[str]:
@@ -109,43 +110,44 @@ class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
 
     # -- Learner side --------------------------------------------------------------------
 
-    def _hidden(self, lm, batch: dict[str, Any]) -> torch.Tensor:
-        """Final hidden state at each row's last context token, packed per episode. (N, H)."""
+    def _pass(self, lm, batch: dict[str, Any], with_hidden: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log-prob of each row's action (N,), tempered log-probs (N, V), final hidden state (N, H) or None)."""
         obs = batch[Columns.OBS]
-        return packed_hidden(lm.base_model, pack_rows(obs["input_ids"], obs["length"]))
-
-    def _token_logp(self, lm, hidden: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-prob of each row's action (N,), tempered log-probs (N, V)) from hidden states (N, H)."""
-        logits = lm.get_output_embeddings()(hidden.to(lm.dtype))
+        logits, hidden = packed_logits(lm, pack_rows(obs["input_ids"], obs["length"]), with_hidden)
         logp_all = scaled_logp(logits, self.temperature)  # (N, V) float32
-        return logp_all.gather(-1, actions.long()[:, None]).squeeze(-1), logp_all
+        actions = batch.get(Columns.ACTIONS)
+        logp = None if actions is None else logp_all.gather(-1, actions.long()[:, None]).squeeze(-1)
+        return logp, logp_all, hidden
 
     @override(TorchRLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        hidden = self._hidden(self.lm, batch)  # (N, H)
-        logp, logp_all = self._token_logp(self.lm, hidden, batch[Columns.ACTIONS])
+        logp, logp_all, hidden = self._pass(self.lm, batch, with_hidden=self.settings.critic == "policy")
         with torch.set_grad_enabled(self.entropy_grad and torch.is_grad_enabled()):
             entropy = entropy_from_logp(logp_all)
-        return {LOGP: logp, ENTROPY: entropy, Columns.EMBEDDINGS: hidden}
+        out = {LOGP: logp, ENTROPY: entropy}
+        if hidden is not None:
+            out[Columns.EMBEDDINGS] = hidden
+        return out
 
     @override(ValueFunctionAPI)
     def compute_values(self, batch: dict[str, Any], embeddings: Any = None) -> torch.Tensor:
-        """Value of each row's state (N,) from the reference model's hidden state (the batch's ``ref_hidden``, else a no-grad reference pass)."""
-        features = batch.get(REF_HIDDEN)
-        if features is None:
-            features = self.reference_hidden(batch).float()
-        return self.vf_head(features).squeeze(-1)
+        """Value of each row's state (N,): the head on the critic's features (given, in the batch, or from a no-grad pass)."""
+        if self.settings.critic == "reference":
+            features = batch.get(REF_HIDDEN)
+            if features is None:
+                features = self.reference_pass(batch)[1]
+        else:
+            features = embeddings
+            if features is None:
+                with torch.no_grad():
+                    features = self._pass(self.lm, batch, with_hidden=True)[2]
+        return self.vf_head(features.float()).squeeze(-1)
 
     @torch.no_grad()
-    def reference_hidden(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Final hidden state of the frozen reference at each row (N, H), in the reference's dtype."""
+    def reference_pass(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One packed forward of the frozen reference: (log-prob of each row's action (N,), its float32 hidden state (N, H) when the critic reads it)."""
         ref = self._ref_lm
         if ref.device != self.lm.device:
             ref.to(self.lm.device)
-        return self._hidden(ref, batch)
-
-    @torch.no_grad()
-    def reference_pass(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One packed forward of the frozen reference: (log-prob of each row's action (N,), float32 hidden state (N, H))."""
-        hidden = self.reference_hidden(batch)
-        return self._token_logp(self._ref_lm, hidden, batch[Columns.ACTIONS])[0], hidden.float()
+        logp, _, hidden = self._pass(ref, batch, with_hidden=self.settings.critic == "reference")
+        return logp, None if hidden is None else hidden.float()

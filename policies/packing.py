@@ -43,16 +43,33 @@ def pack_rows(input_ids: torch.Tensor, lengths: torch.Tensor) -> Packing:
     return Packing(ids[last, :T], seq_lens, group, lengths - 1)
 
 
-def packed_hidden(base_model, packing: Packing) -> torch.Tensor:
-    """Final hidden state of every row from one causal pass per group. Returns (N, H)."""
-    mask = torch.arange(packing.seqs.shape[1], device=packing.seqs.device)[None, :] < packing.seq_lens[:, None]
-    hidden = base_model(input_ids=packing.seqs, attention_mask=mask.long()).last_hidden_state  # (G, T, H)
-    return hidden[packing.group, packing.pos]  # (N, H)
+def sequences(seqs: list[list[int]], positions: list[list[int]]) -> Packing:
+    """The packing of whole sequences (one group each) and the positions wanted in each (evaluation)."""
+    lens = torch.tensor([len(s) for s in seqs])
+    ids = torch.zeros(len(seqs), int(lens.max()), dtype=torch.long)
+    for g, s in enumerate(seqs):
+        ids[g, : len(s)] = torch.tensor(s, dtype=torch.long)
+    group = torch.tensor([g for g, ps in enumerate(positions) for _ in ps], dtype=torch.long)
+    return Packing(ids, lens, group, torch.tensor([p for ps in positions for p in ps], dtype=torch.long))
 
 
-def per_row_hidden(base_model, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Reference (slow) path: one pass per row over its own context. Returns (N, H)."""
-    out = []
-    for ids, n in zip(input_ids, lengths.tolist()):
-        out.append(base_model(input_ids=ids[None, :n]).last_hidden_state[0, -1])
-    return torch.stack(out)
+def packed_logits(lm, packing: Packing, with_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (N, V) of every row from one causal pass per group, through the model's own forward.
+
+    The model's head path is used as is (soft-capping, logit scaling: whatever its ``forward`` does),
+    with the LM head only at the rows' positions (``logits_to_keep`` as a boolean mask). With
+    `with_hidden`, also the final hidden state of every row (N, H), read from the base model's output.
+    """
+    G, T = packing.seqs.shape
+    attention = torch.arange(T, device=packing.seqs.device)[None, :] < packing.seq_lens[:, None]  # (G, T)
+    keep = torch.zeros(G, T, dtype=torch.bool, device=packing.seqs.device)
+    keep[packing.group, packing.pos] = True
+    index = (keep.flatten().cumsum(0) - 1).view(G, T)[packing.group, packing.pos]  # (N,) row -> kept logit
+    captured: dict[str, torch.Tensor] = {}
+    hook = lm.base_model.register_forward_hook(lambda _m, _a, out: captured.update(h=out.last_hidden_state))
+    try:
+        out = lm(input_ids=packing.seqs, attention_mask=attention.long(), logits_to_keep=keep, use_cache=False)
+    finally:
+        hook.remove()
+    hidden = captured["h"][packing.group, packing.pos] if with_hidden else None  # (N, H)
+    return out.logits[index], hidden

@@ -130,7 +130,7 @@ def test_env_runners_land_on_the_tagged_node(cluster, client, tmp_path):
         ],
     )
     assert wait_done(client, job_id) == "SUCCEEDED", client.get_job_logs(job_id)[-4000:]
-    runners = job_actors(cluster, client, job_id, "SingleAgentEnvRunner")
+    runners = job_actors(cluster, client, job_id, "ResponseEnvRunner")
     assert len(runners) == 2
     assert {a["node_id"] for a in runners} == set(rollout_node)
     assert iterations(tmp_path / "run") == [1, 2]
@@ -154,7 +154,7 @@ def test_env_runner_killed_mid_training_the_run_completes(cluster, client, tmp_p
     )
     # After 2 iterations a stream that restarted at 0 would end the next iteration behind where it was.
     wait_for(lambda: len(iterations(out)) >= 2, 240, "two iterations", client, job_id)
-    alive = [a for a in job_actors(cluster, client, job_id, "SingleAgentEnvRunner") if a["state"] == "ALIVE"]
+    alive = [a for a in job_actors(cluster, client, job_id, "ResponseEnvRunner") if a["state"] == "ALIVE"]
     victim = alive[0]
     killed_during = len(iterations(out)) + 1
     os.kill(int(victim["pid"]), signal.SIGKILL)  # mid-run: iteration `killed_during` is sampling now
@@ -163,7 +163,7 @@ def test_env_runner_killed_mid_training_the_run_completes(cluster, client, tmp_p
     assert iterations(out) == list(range(1, total + 1))
     assert all(r["episodes"] > 0 for r in read_metrics(out / "metrics.csv"))
     after = [
-        a for a in job_actors(cluster, client, job_id, "SingleAgentEnvRunner") if a["actor_id"] == victim["actor_id"]
+        a for a in job_actors(cluster, client, job_id, "ResponseEnvRunner") if a["actor_id"] == victim["actor_id"]
     ]
     assert after and int(after[0]["num_restarts"]) >= 1, "the killed EnvRunner was restarted"
     # Every EnvRunner's prompt stream went on from where it was (the tiny preset checkpoints every

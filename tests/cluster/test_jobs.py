@@ -135,7 +135,7 @@ def test_entrypoint_and_resources():
 def test_runtime_env_default_and_extra(monkeypatch, tmp_path):
     env = jobs.runtime_env(jobs.runtime_env_from_environ())
     assert env["working_dir"] == str(REPO_ROOT)
-    assert {".venv", "runs", ".git"} <= set(env["excludes"])
+    assert {".venv*", "runs", ".git"} <= set(env["excludes"])
     monkeypatch.setenv("ALIGNRAY_RUNTIME_ENV", "{pip: [rich], env_vars: {A: '1'}, excludes: [big/]}")
     env = jobs.runtime_env(jobs.runtime_env_from_environ())
     assert env["pip"] == ["rich"] and env["env_vars"] == {"A": "1"} and "big/" in env["excludes"]

@@ -56,7 +56,7 @@ def test_two_iterations_change_every_parameter_and_stay_finite(run):
     rows = read_metrics(tmp / "run" / "metrics.csv")
     assert [r["iteration"] for r in rows] == [1, 2]
     for r in rows:
-        for k in ("policy_loss", "vf_loss", "total_loss", "entropy", "kl_ref", "kl_coef", "rm_score", "gold_score"):
+        for k in ("policy_loss", "vf_loss", "entropy", "kl_ref", "kl_coef", "rm_score", "gold_score", "ratio_max"):
             assert math.isfinite(r[k]), k
         assert r["episodes"] > 0 and r["rollout_tokens_per_s"] > 0 and r["learner_tokens_per_s"] > 0
     initial, _ = load_causal_lm("tiny", tiny_vocab_size=64)
@@ -112,7 +112,8 @@ def test_shared_reward_model_actor_scores_for_the_env_runners(tmp_path):
     assert [r["iteration"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["rm_score"]) for r in rows)
     scored = metrics["reward_actor"]
-    assert scored["texts"] >= sum(r["episodes"] for r in rows) > 0  # responses still running at the end count too
+    # every response of every iteration, whole and once, except empty ones (those score env.empty_response_score)
+    assert scored["texts"] == round(sum(r["episodes"] * (1 - r["empty_rate"]) for r in rows)) > 0
     assert 1 <= scored["batches"] <= scored["calls"]
     assert not ray.is_initialized()
 
@@ -133,3 +134,15 @@ def test_reward_actor_options_come_from_the_config(tmp_path, monkeypatch):
     )
     train_module._start_reward_actor(cfg)
     assert seen["num_gpus"] == 0.5 and seen["resources"] == {"rm": 1.0} and seen["args"][0].backbone == "tiny"
+
+
+def test_a_known_reward_is_learned(tmp_path):
+    """The 'eos' reward (1 for a response that ends with EOS): the tiny policy learns to stop."""
+    over = {"env.reward": "{eos: 1.0}", "ppo.iterations": 8, "ppo.episodes_per_iteration": 16, "ppo.minibatch_episodes": 8,
+            "ppo.epochs": 2, "ppo.lr": 0.01, "ppo.kl_coef": 0.01, "ppo.kl_target": 0}
+    train(tiny_cfg(tmp_path, **over))
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    first, last = rows[0], rows[-1]
+    assert first["eos_rate"] < 0.25 and last["eos_rate"] > 0.6, [r["eos_rate"] for r in rows]
+    assert last["response_length"] < first["response_length"] - 1
+    assert all(r["first_ratio_dev"] < 1e-6 for r in rows)  # every iteration starts on-policy

@@ -129,9 +129,54 @@ def test_data_position_round_trip(prompts):
     pos = venv.get_data_position()
     nxt = [venv.res.stream.next() for _ in range(3)]
     other = make_text_env({**kwargs(prompts), "num_envs": 2})
+    other.set_shard(0, 1)  # an EnvRunner pins the stream: its seeded resets must not move it
     other.set_data_position(pos)
-    other.res.stream.reseed(5)  # the seeded reset an EnvRunner does first keeps the restored position
-    assert [other.res.stream.next() for _ in range(3)] == nxt
+    other.reset(seed=99)
+    assert [e._index for e in other.envs] == nxt[:2]
+
+
+def finish_all(venv, steps=40):
+    """Step with a non-EOS token until nothing is left to finish; return the infos of finished responses."""
+    done = []
+    for _ in range(steps):
+        _, r, term, trunc, infos = venv.step(np.full(venv.num_envs, 10))
+        done += [{k: infos[k][i] for k in ("response_tokens", "group", "prompt_index")} for i in np.flatnonzero(term | trunc)]
+    return done
+
+
+def test_a_quota_hands_out_exactly_that_many_whole_responses_then_parks(prompts):
+    venv = make_text_env({**kwargs(prompts), "num_envs": 3})
+    venv.set_quota(5)  # slots serve 2, 2 and 1 responses
+    venv.reset(seed=0)
+    done = finish_all(venv)
+    assert len(done) == 5 and all(d["response_tokens"] == 4 for d in done)
+    assert venv.res.stream.position == 5  # no prompt drawn for a response nobody will train on
+    obs, r, term, trunc, _ = venv.step(np.full(3, 10))
+    assert venv._parked.all() and (obs["length"] == 1).all() and not (r.any() or term.any() or trunc.any())
+
+
+def test_group_slots_answer_the_same_prompt(prompts):
+    venv = make_text_env({**kwargs(prompts), "num_envs": 4, "group_size": 2})
+    venv.set_quota(8)  # 2 groups x 2 rounds x 2 slots
+    venv.reset(seed=0)
+    done = finish_all(venv)
+    groups: dict = {}
+    for d in done:
+        groups.setdefault(d["group"], []).append(d["prompt_index"])
+    assert len(groups) == 4 and all(len(v) == 2 and v[0] == v[1] for v in groups.values())
+    assert venv.res.stream.position == 4  # one prompt per group
+    with pytest.raises(ValueError, match="whole groups"):
+        venv.set_quota(3)
+
+
+def test_two_runners_split_a_pass_of_the_prompts():
+    from envs.prompt_stream import PromptStream
+
+    a, b = PromptStream(10, seed=3, shard=0, shards=2), PromptStream(10, seed=3, shard=1, shards=2)
+    first, second = [a.next() for _ in range(5)], [b.next() for _ in range(5)]
+    assert sorted(first + second) == list(range(10))  # disjoint, and together one whole pass
+    whole = PromptStream(10, seed=3)
+    assert [whole.next() for _ in range(10)] == [x for pair in zip(first, second) for x in pair]
 
 
 def test_make_with_no_arguments_gives_a_working_env_on_the_shipped_prompts():

@@ -46,11 +46,12 @@ def test_non_finite_gradients_are_zeroed_and_the_rest_still_step(learner):
 
 
 def test_kl_is_pooled_over_learners_before_the_controller_moves():
+    from policies.kl_shaping import KLStats
     from policies.learner import pooled_kl
 
-    # This learner saw 2 responses at 3 nats; the other (simulated by the reduce) 6 responses at 1 nat.
-    other = [6 * 1.0, 6.0]
-    kl, n = pooled_kl({"kl_ref": 3.0, "responses": 2.0}, lambda v: [a + b for a, b in zip(v, other)])
-    assert (kl, n) == (pytest.approx((6 + 6) / 8), 8.0)  # 1.5 nats over 8 responses, on every learner
-    assert pooled_kl({"kl_ref": 3.0, "responses": 2.0}, lambda v: v) == (pytest.approx(3.0), 2.0)  # one learner
-    assert pooled_kl({}, lambda v: v) == (0.0, 0.0)  # nothing measured: the coefficient stays
+    # This learner saw 2 responses with 6 nats in all; the other (simulated by the reduce) 6 responses, 6 nats.
+    other = [6.0, 6.0]
+    mine = KLStats(kl_sum=6.0, responses=2)
+    assert pooled_kl(mine, lambda v: [a + b for a, b in zip(v, other)]) == pytest.approx(12 / 8)  # on every learner
+    assert pooled_kl(mine, lambda v: v) == pytest.approx(3.0)  # one learner
+    assert pooled_kl(KLStats(), lambda v: v) == 0.0  # nothing measured: the coefficient stays

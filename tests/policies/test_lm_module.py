@@ -1,5 +1,6 @@
 """The RLModule: what EnvRunners hold and receive, what exploration returns, cache clearing."""
 
+import pytest
 import torch
 from ray.rllib.core.columns import Columns
 
@@ -76,3 +77,65 @@ def test_bfloat16_reference_gives_float32_outputs_close_to_float32():
     (lp32, _h32), (lp16, h16) = full.reference_pass(batch), half.reference_pass(batch)
     assert lp16.dtype == h16.dtype == torch.float32
     torch.testing.assert_close(lp16, lp32, atol=0.05, rtol=0)
+
+
+def sample_rows(m, prompts: list[list[int]], steps: int, seed: int):
+    """Sample `steps` tokens per prompt through the EnvRunner path (KV cache) -> learner-batch rows and their logp."""
+    torch.manual_seed(seed)
+    ctx = [list(p) for p in prompts]
+    rows, actions, logps = [], [], []
+    for _ in range(steps):
+        ids = torch.zeros(len(ctx), W, dtype=torch.long)
+        for i, c in enumerate(ctx):
+            ids[i, : len(c)] = torch.tensor(c)
+        out = m.forward_exploration({Columns.OBS: {"input_ids": ids, "length": torch.tensor([len(c) for c in ctx])}})
+        for i, (a, lp) in enumerate(zip(out[Columns.ACTIONS].tolist(), out[Columns.ACTION_LOGP].tolist())):
+            rows.append(list(ctx[i]))
+            actions.append(a)
+            logps.append(lp)
+            ctx[i].append(a)
+    order = sorted(range(len(rows)), key=lambda r: (r % len(prompts), r))  # episode by episode, as a learner batch
+    ids = torch.zeros(len(rows), W, dtype=torch.long)
+    for j, r in enumerate(order):
+        ids[j, : len(rows[r])] = torch.tensor(rows[r])
+    batch = {
+        Columns.OBS: {"input_ids": ids, "length": torch.tensor([len(rows[r]) for r in order])},
+        Columns.ACTIONS: torch.tensor([actions[r] for r in order]),
+    }
+    return batch, torch.tensor([logps[r] for r in order])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2-softcapped"])
+def test_sampler_logp_equals_learner_logp_on_the_same_tokens(family, tmp_path):
+    spec = "tiny"
+    if family != "llama":  # a family whose forward transforms its logits (tanh soft-capping at 0.5)
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        from envs import tiny
+        from envs.models import ModelSettings, export_pretrained
+
+        lm, tok = tiny.causal_lm(
+            64, config_class=Gemma2Config, model_class=Gemma2ForCausalLM, final_logit_softcapping=0.5, head_dim=8
+        )
+        spec = str(export_pretrained(lm, tok, tmp_path / "gemma2"))
+    settings = {"model": ModelSettings(policy=spec, tiny_vocab_size=64)} if family != "llama" else {}
+    runner, learner = module(inference_only=True, temperature=0.7, **settings), module(temperature=0.7, **settings)
+    learner.set_state(runner.get_state())
+    batch, sampled = sample_rows(runner, [[6, 7, 8], [9, 10], [11, 12, 13, 14]], steps=5, seed=3)
+    with torch.no_grad():
+        learned = learner.forward_train(batch)["logp"]
+        reference, _ = learner.reference_pass(batch)
+    torch.testing.assert_close(learned, sampled, atol=2e-5, rtol=0)  # the PPO ratio is 1 before any update
+    torch.testing.assert_close(reference, sampled, atol=2e-5, rtol=0)  # and the KL to the reference is 0
+    if family != "llama":
+        assert (learner.lm(input_ids=torch.tensor([[6, 7]])).logits.abs() <= 0.5).all()  # soft-capping is real
+
+
+def test_run_seed_changes_the_sampled_tokens():
+    m = module(inference_only=True)
+    prompts = [[6, 7, 8], [9, 10]]
+    a, b = sample_rows(m, prompts, 6, seed=0)[0], sample_rows(m, prompts, 6, seed=1)[0]
+    again = sample_rows(m, prompts, 6, seed=0)[0]
+    assert torch.equal(a[Columns.ACTIONS], again[Columns.ACTIONS]) and not torch.equal(
+        a[Columns.ACTIONS], b[Columns.ACTIONS]
+    )

@@ -4,7 +4,7 @@ import torch
 from ray.rllib.core.columns import Columns
 
 from policies.lm_module import ENTROPY, LOGP
-from policies.packing import pack_rows, packed_hidden, per_row_hidden
+from policies.packing import pack_rows, packed_logits
 from tests.fixtures.modules import tiny_module
 
 W = 12
@@ -40,16 +40,16 @@ def test_pack_rows_groups_episodes():
     assert shuffled.group.tolist() == [0, 1, 2]
 
 
-def test_packed_hidden_equals_per_row_forward():
+def test_packed_logits_and_hidden_equal_a_forward_per_row():
     m = module()
-    ids, lengths = rows(episode_rows()[0])
+    ctx, _ = episode_rows()
+    ids, lengths = rows(ctx)
     with torch.no_grad():
-        torch.testing.assert_close(
-            packed_hidden(m.lm.base_model, pack_rows(ids, lengths)),
-            per_row_hidden(m.lm.base_model, ids, lengths),
-            atol=1e-5,
-            rtol=1e-5,
-        )
+        logits, hidden = packed_logits(m.lm, pack_rows(ids, lengths), with_hidden=True)
+        want_logits = torch.stack([m.lm(input_ids=torch.tensor([c])).logits[0, -1] for c in ctx])
+        want_hidden = torch.stack([m.lm.base_model(input_ids=torch.tensor([c])).last_hidden_state[0, -1] for c in ctx])
+    torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden, want_hidden, atol=1e-5, rtol=1e-5)
 
 
 def test_forward_train_logp_matches_per_token_reference():
@@ -63,6 +63,8 @@ def test_forward_train_logp_matches_per_token_reference():
             logits = m.lm(input_ids=torch.tensor([c])).logits[0, -1] / 0.8
             ref.append(torch.log_softmax(logits, -1)[a])
     torch.testing.assert_close(out[LOGP].detach(), torch.stack(ref), atol=1e-5, rtol=1e-5)
-    assert out[ENTROPY].shape == (7,) and out[Columns.EMBEDDINGS].shape == (7, 32)
+    assert out[ENTROPY].shape == (7,) and Columns.EMBEDDINGS not in out  # the reference critic needs no policy features
+    batch = {Columns.OBS: {"input_ids": ids, "length": lengths}, Columns.ACTIONS: actions}
+    assert tiny_module(W, critic="policy").forward_train(batch)[Columns.EMBEDDINGS].shape == (7, 32)
     out[LOGP].sum().backward()  # gradients flow through the packed pass
     assert m.lm.model.embed_tokens.weight.grad is not None

@@ -9,6 +9,7 @@ import torch
 from policies.ppo_math import (
     KLController,
     entropy_from_logits,
+    explained_variance,
     gae,
     kl_k1,
     kl_k3,
@@ -83,10 +84,31 @@ def test_entropy_of_uniform_and_onehot():
 
 def test_kl_controller():
     fixed = KLController(coef=0.1, target=0.0)
-    assert fixed.update(100.0, 64) == 0.1
-    ctl = KLController(coef=0.1, target=4.0, horizon=100)
-    # KL 6: error = clip(6/4 - 1, -0.2, 0.2) = 0.2; coef *= 1 + 0.2 * 10 / 100 = 1.02
-    assert ctl.update(6.0, 10) == pytest.approx(0.102)
-    # KL 3.8: error = -0.05; coef *= 1 - 0.05 * 50 / 100 = 0.975
-    assert ctl.update(3.8, 50) == pytest.approx(0.102 * 0.975)
-    assert ctl.update(float("nan"), 50) == pytest.approx(0.102 * 0.975)
+    assert fixed.update(100.0) == 0.1
+    ctl = KLController(coef=0.1, target=4.0, horizon=10)
+    # KL 6: error = clip(6/4 - 1, -0.2, 0.2) = 0.2; coef *= 1 + 0.2 / 10 = 1.02
+    assert ctl.update(6.0) == pytest.approx(0.102)
+    # KL 3.8: error = -0.05; coef *= 1 - 0.05 / 10 = 0.995
+    assert ctl.update(3.8) == pytest.approx(0.102 * 0.995)
+    assert ctl.update(float("nan")) == pytest.approx(0.102 * 0.995)
+
+
+def test_kl_controller_reaches_its_target_within_a_few_horizons():
+    # A synthetic policy whose KL answers the coefficient: KL = 0.3 / coef (more penalty, less drift).
+    # Start at coef 0.025 (KL 12, twice the target 6): the controller must bring KL within 5% of 6.
+    for horizon in (1.0, 2.0, 4.0):
+        ctl, kls = KLController(coef=0.025, target=6.0, horizon=horizon), []
+        for _ in range(int(6 * horizon)):
+            kls.append(0.3 / ctl.coef)
+            ctl.update(kls[-1])
+        assert abs(0.3 / ctl.coef - 6.0) < 0.3, (horizon, kls)
+        assert kls[0] == pytest.approx(12.0) and all(a >= b for a, b in zip(kls, kls[1:]))  # steers monotonically
+
+
+def test_explained_variance():
+    targets = t([1.0, 2.0, 3.0, 4.0, 100.0])
+    mask = torch.tensor([True, True, True, True, False])
+    # values = targets: EV 1; constant values: EV 0; values off by [1, -1, 1, -1]: Var(resid) = 1, Var(targets) = 1.25
+    assert explained_variance(t([1.0, 2.0, 3.0, 4.0, 0.0]), targets, mask) == pytest.approx(1.0)
+    assert explained_variance(t([7.0] * 5), targets, mask) == pytest.approx(0.0)
+    assert explained_variance(t([2.0, 1.0, 4.0, 3.0, 0.0]), targets, mask) == pytest.approx(1 - 1.0 / 1.25)
