@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import numpy as np
 from sqlalchemy import func, select
 
-from envs.data import DEFAULT_CRITERION, write_preferences
+from envs.data import DEFAULT_CRITERION, DataError, write_preferences
 from envs.stats import cohen_kappa, krippendorff_alpha_nominal
 from serve.labelling.schema import annotators, choices, items, skips, submissions
 from serve.labelling.store import CHOICES, LabelStore
@@ -66,7 +66,7 @@ def export(store: LabelStore, path, rounds: list[int] | None = None) -> int:
     """Write every label (of `rounds`, or all) as a preference Parquet file; returns the row count."""
     rows = export_rows(store, rounds)
     if not rows:
-        raise ValueError(f"the label store {store.url} holds no labels yet")
+        raise DataError(f"the label store {store.url} holds no labels yet")
     write_preferences(path, rows)
     return len(rows)
 
@@ -161,3 +161,22 @@ def format_stats(s: dict) -> str:
             kappa = "n/a" if p["kappa"] is None else f"{p['kappa']:.3f}"
             lines.append(f"    {p['annotators'][0]} / {p['annotators'][1]}: kappa {kappa} on {p['items']} items")
     return "\n".join(lines)
+
+
+def recent_items(store: LabelStore, limit: int = 20) -> list[dict]:
+    """The newest items with their label counts (for the admin page)."""
+    labels = select(func.count()).where(submissions.c.item_id == items.c.id).scalar_subquery()
+    q = select(items, labels.label("labels")).order_by(items.c.id.desc()).limit(limit)
+    with store.reader.connect() as c:
+        return [
+            {
+                "item": r.id,
+                "round": r.round,
+                "prompt": r.prompt,
+                "response_a": r.response_a,
+                "response_b": r.response_b,
+                "policy": r.policy,
+                "labels": r.labels,
+            }
+            for r in c.execute(q)
+        ]

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from sqlalchemy import create_engine
 
+from envs.models import ModelSettings
+from serve.app import ServeSettings
+from serve.labelling.application import deploy_label_app
+from serve.labelling.candidates import GenerationSpec
 from serve.labelling.schema import metadata
+from serve.labelling.settings import FeedbackSettings
 from serve.labelling.store import LabelStore
 from tests.fixtures.postgres import postgres_url
 
@@ -51,3 +58,46 @@ def store_for(db_url):
     yield make
     for s in made:
         s.close()
+
+
+ADMIN_KEY = "admin-key-for-tests"
+PROMPTS = ["the film was", "this movie is", "the acting in it", "the story and the music"]
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="package")  # this directory is a package so that Ray stops after its last test
+def label_servers(tiny_policy_dir, tiny_reward_dir, tmp_path_factory):
+    """Ray Serve with two labelling apps on loopback; yields their URLs and stores.
+
+    - ``gen`` at ``/label``: items generated in batches from the tiny policy deployment, reward
+      scores from the tiny reward deployment on the admin routes;
+    - ``fixed`` at ``/fixed``: items only from what a test puts in its store; small body limit.
+    """
+    import ray
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("label")
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    zero = ServeSettings(num_cpus_per_replica=0)
+    spec = GenerationSpec(model_name="tiny-policy", prompts=PROMPTS, policy="tiny-policy", max_tokens=8)
+    gen_db, fixed_db = f"sqlite:///{root / 'gen.db'}", f"sqlite:///{root / 'fixed.db'}"
+    policy = ModelSettings(policy=tiny_policy_dir)
+    deploy_label_app(
+        "gen", "/label", FeedbackSettings(batch_size=4), gen_db, ADMIN_KEY, zero, policy, spec, tiny_reward_dir
+    )
+    deploy_label_app("fixed", "/fixed", FeedbackSettings(max_request_bytes=4096), fixed_db, ADMIN_KEY, zero)
+    urls = {"gen": f"http://127.0.0.1:{port}/label", "fixed": f"http://127.0.0.1:{port}/fixed", "port": port}
+    stores = {"gen": LabelStore(gen_db), "fixed": LabelStore(fixed_db)}
+    yield {"urls": urls, "stores": stores, "root": root}
+    for s in stores.values():
+        s.close()
+    serve.shutdown()
+    ray.shutdown()
