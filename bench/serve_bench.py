@@ -1,12 +1,13 @@
 """Serving benchmark: batched vs batching-off Ray Serve deployments of the same model, side by side.
 
 Both applications run in one Serve instance on loopback (``/batched`` with
-``serve.max_batch_size=16``, ``/unbatched`` with ``serve.max_batch_size=1``), each one replica
-with the same CPU and thread budget. Each is driven in turn by ``--clients`` concurrent
+``serve.max_batch_size=16``, ``/unbatched`` with ``serve.max_batch_size=1``; both with the default
+``serve.batching=continuous``), each one replica with the same CPU and thread budget.
+``bench/serve_continuous_bench.py`` compares continuous with static batching. Each is driven in turn by ``--clients`` concurrent
 closed-loop clients sending ``--tokens``-token completions (``ignore_eos`` so every request
 writes exactly that many tokens) for ``--duration`` seconds after a warm-up, alternating
 between the two for ``--rounds`` rounds so that other load on the machine hits both alike. Reported: requests/s,
-tokens/s, p50/p99 latency, the mean number of requests per batched generation, and the ratio.
+tokens/s, p50/p99 latency, the mean number of sequences per decoding step, and the ratio.
 
     python bench/serve_bench.py                      # SmolLM2, 16 clients, 32 tokens, 2 x 35 s each
     python bench/serve_bench.py --model tiny --duration 10   # a quick smoke run
@@ -101,7 +102,7 @@ def start(args: argparse.Namespace) -> tuple[dict[str, str], str]:
     from cluster.serving import start_app
     from policies.export import resolve_policy
 
-    ray.init(num_cpus=2 * args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2 * args.cpus, include_dashboard=False, log_to_driver=False)
     common = [
         f"serve.port={args.port}",
         f"serve.num_cpus_per_replica={args.cpus}",
@@ -162,8 +163,7 @@ def main() -> None:
                 print(f"  {len(run['latencies']) / args.duration:.2f} req/s", flush=True)
         for name in runs:
             results[name] = summarize(runs[name], args.tokens)
-            stats = httpx.get(urls[name] + "/healthz").json()["batching"]
-            results[name]["mean_requests_per_batch"] = stats["requests"] / max(stats["batches"], 1)
+            results[name]["mean_rows"] = httpx.get(urls[name] + "/healthz").json()["batching"]["mean_rows"]
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -173,12 +173,12 @@ def main() -> None:
         f"{args.threads} torch thread(s) per replica"
     )
     print(
-        f"{'deployment':<11} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} {'req/batch':>9} {'n':>5} {'err':>4}"
+        f"{'deployment':<11} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p99 s':>7} {'rows/step':>9} {'n':>5} {'err':>4}"
     )
     for name, r in results.items():
         print(
             f"{name:<11} {r['requests_per_s']:7.2f} {r['tokens_per_s']:7.1f} {r['p50_latency_s']:7.2f} "
-            f"{r['p99_latency_s']:7.2f} {r['mean_requests_per_batch']:9.1f} {r['requests']:5d} {r['errors']:4d}"
+            f"{r['p99_latency_s']:7.2f} {r['mean_rows']:9.1f} {r['requests']:5d} {r['errors']:4d}"
         )
     print(f"batched / unbatched requests per second: {ratio:.2f}x (target >= 4x)")
     if args.out:
