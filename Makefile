@@ -46,3 +46,17 @@ data: install
 
 clean:
 	rm -rf $(VENV) runs
+
+# The TRL side-by-side benchmark (bench/side_by_side.py) runs in its own environment, .venv-bench/:
+# alignray plus TRL 1.16 (TRL is not an alignray dependency). bench-trl runs the measurement.
+.PHONY: bench-trl-env bench-trl
+BENCH_VENV := .venv-bench
+
+bench-trl-env: $(BENCH_VENV)/.installed
+
+$(BENCH_VENV)/.installed: pyproject.toml bench/trl_env.sh
+	bash bench/trl_env.sh
+	touch $@
+
+bench-trl: bench-trl-env
+	$(BENCH_VENV)/bin/python bench/side_by_side.py --lr 2.5e-5 --kl-coef 0.05 $(ARGS)
