@@ -6,7 +6,9 @@ and one decoding step feeds one token per row. Sequences join and leave between 
 - :meth:`RunningBatch.admit` prefills new prompts on their own (one left-padded forward), then
   left-pads the running rows' and the new rows' keys and values to a common width and stacks them,
   layer by layer (a ``DynamicCache`` layer holds ``keys``/``values`` of shape ``(B, H_kv, T, D)``).
-- :meth:`RunningBatch.step` feeds one token per row and returns the next logits.
+- :meth:`RunningBatch.step` feeds one token per row and returns the next logits;
+  :meth:`RunningBatch.step_and_admit` does both in one pass over the weights when the model has
+  the Llama layout (:mod:`serve.fused_step`), else as two forwards.
 - :meth:`RunningBatch.keep` drops the other rows, then the leading columns no remaining row
   attends to, so the width shrinks back when a long sequence leaves.
 
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from envs.prompting import left_pad
+from serve.fused_step import fused_step, supports_fused
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -33,8 +36,9 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 class RunningBatch:
     """Rows of live sequences in one KV cache; ``mask`` (B, T) marks real tokens, ``pos`` (B, 1) each row's next position."""
 
-    def __init__(self, model, pad_id: int):
+    def __init__(self, model, pad_id: int, fuse: bool | None = None):
         self.model, self.pad_id = model, pad_id
+        self.fuse = supports_fused(model) if fuse is None else fuse
         self.cache = None
         self.mask = torch.zeros((0, 0), dtype=torch.long)  # (B, T)
         self.pos = torch.zeros((0, 1), dtype=torch.long)  # (B, 1)
@@ -57,13 +61,32 @@ class RunningBatch:
         if self.cache is None:
             self.cache, self.mask, self.pos = out.cache, mask, pos
         else:
-            width = max(self.width, mask.shape[1])
-            for old, new in zip(self.cache.layers, out.cache.layers):
-                old.keys = torch.cat([_left_pad(old.keys, width, 2), _left_pad(new.keys, width, 2)], 0)
-                old.values = torch.cat([_left_pad(old.values, width, 2), _left_pad(new.values, width, 2)], 0)
-            self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)], 0)
-            self.pos = torch.cat([self.pos, pos], 0)
+            self._stack([(layer.keys, layer.values) for layer in out.cache.layers], mask, pos)
         return out.logits[:, -1]
+
+    def _stack(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, pos: torch.Tensor) -> None:
+        """Append rows (their per-layer keys/values, mask and next positions) below the running ones."""
+        width = max(self.width, mask.shape[1])
+        for layer, (keys, values) in zip(self.cache.layers, new_kv):
+            layer.keys = torch.cat([_left_pad(layer.keys, width, 2), _left_pad(keys, width, 2)], 0)
+            layer.values = torch.cat([_left_pad(layer.values, width, 2), _left_pad(values, width, 2)], 0)
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)], 0)
+        self.pos = torch.cat([self.pos, pos], 0)
+
+    @torch.inference_mode()
+    def step_and_admit(self, next_ids: torch.Tensor, prompts: list[list[int]]) -> torch.Tensor:
+        """:meth:`step` for the running rows and :meth:`admit` for new prompts -> logits (B + n, V), in one pass if it can."""
+        if not self.fuse or self.cache is None:
+            return torch.cat([self.step(next_ids), self.admit(prompts)])
+        ids, mask = left_pad(prompts, self.pad_id)  # (n, L)
+        self.mask = torch.cat([self.mask, torch.ones((self.rows, 1), dtype=self.mask.dtype)], 1)  # (B, W+1)
+        kv = [(layer.keys, layer.values) for layer in self.cache.layers]
+        logits, appended, prefilled = fused_step(self.model, kv, self.mask, self.pos, next_ids, ids, mask)
+        for layer, (keys, values) in zip(self.cache.layers, appended):
+            layer.keys, layer.values = torch.cat([layer.keys, keys], 2), torch.cat([layer.values, values], 2)
+        self.pos = self.pos + 1
+        self._stack(prefilled, mask, mask.sum(-1, keepdim=True))
+        return logits
 
     @torch.inference_mode()
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:

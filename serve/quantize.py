@@ -4,7 +4,10 @@ int8 uses PyTorch's dynamic quantisation: every ``nn.Linear`` (attention, MLP an
 weights and quantises its input per call; embeddings and norms stay float32. It is the fast CPU path
 here (fbgemm/x86 kernels with AVX2); torchao's int8 configs were slower on this CPU. PyTorch marks
 ``quantize_dynamic`` deprecated in favour of torchao, so a torch without it fails loudly, naming the
-setting. bfloat16 halves memory but is emulated on CPUs without AVX-512 BF16 or AMX (slower than float32).
+setting. Because the activations of each call share one scale, an int8 sequence's logits depend
+slightly on which other sequences share its batch (about 1% of the logit scale on the tiny test
+model), so a seeded request is reproducible exactly only in float32 and bfloat16. bfloat16 halves
+memory but is emulated on CPUs without AVX-512 BF16 or AMX (slower than float32).
 """
 
 from __future__ import annotations

@@ -239,21 +239,21 @@ class Scheduler:
 
     def _decode(self, admitted: list[Request]) -> dict[Request, Step]:
         """One step of the running rows plus the prefill of the admitted ones; sample; advance each row's text."""
-        logits = [self.batch.step(self.pending)] if self.rows else []  # (B_old, V)
-        if admitted:
-            now = time.perf_counter()
-            logits.append(self.batch.admit([job.prompt_ids for req in admitted for job in req.jobs]))  # (B_new, V)
-            for req in admitted:
-                req.admitted, req.live = now, len(req.jobs)
-                self.rows += [_Row(req, i, self.engine.start(job)) for i, job in enumerate(req.jobs)]
-                self.counts.requests += 1
-                self.counts.sequences += len(req.jobs)
-            for req in admitted:
-                req.batch_rows = len(self.rows)
+        prompts = [job.prompt_ids for req in admitted for job in req.jobs]
+        if self.rows and prompts:
+            logits = self.batch.step_and_admit(self.pending, prompts)  # (B_old + B_new, V)
+        else:
+            logits = self.batch.step(self.pending) if self.rows else self.batch.admit(prompts)
+        now = time.perf_counter()
+        for req in admitted:
+            req.admitted, req.live = now, len(req.jobs)
+            self.rows += [_Row(req, i, self.engine.start(job)) for i, job in enumerate(req.jobs)]
+            self.counts.requests += 1
+            self.counts.sequences += len(req.jobs)
+        for req in admitted:
+            req.batch_rows = len(self.rows)
         with torch.inference_mode():
-            self.pending = sample_next(
-                torch.cat(logits), [r.dec.job for r in self.rows], [r.dec.generator for r in self.rows]
-            )  # (B,)
+            self.pending = sample_next(logits, [r.dec.job for r in self.rows], [r.dec.generator for r in self.rows])
         steps: dict[Request, Step] = {}
         for row, token in zip(self.rows, self.pending.tolist()):
             step = steps.setdefault(row.request, [None] * len(row.request.jobs))

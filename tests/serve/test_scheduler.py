@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from envs import tiny
+from envs.models import ModelSettings
 from serve.engine import GenerationEngine, InputError
+from serve.fused_step import supports_fused
 from serve.kv_batch import RunningBatch
+from serve.quantize import SERVE_DTYPES
 from serve.scheduler import QueueFull, Request, Scheduler, generate
 
 
@@ -195,3 +198,24 @@ def test_width_shrinks_when_the_longest_row_leaves(engine):
     second = alone.step(first.argmax(-1))
     token = second.argmax(-1)
     assert torch.allclose(batch.step(token), alone.step(token), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", SERVE_DTYPES)
+def test_fused_step_and_admit_equals_two_forwards(tiny_policy_dir, dtype):
+    """One pass over the weights for a decoding step plus a prefill gives the logits of doing them apart."""
+    engine = GenerationEngine.from_spec(ModelSettings(policy=tiny_policy_dir), 16, dtype=dtype)
+    assert supports_fused(engine.model)
+    # int8 quantises each call's activations with one scale per matrix: other rows change it a little
+    tol = {"float32": 1e-5, "bfloat16": 1e-2, "int8": 3e-2}[dtype]
+    running = [engine.encode_prompt(p) for p in PROMPTS[:2]]
+    new = [engine.encode_prompt(p) for p in PROMPTS[2:]]
+    fused, plain = RunningBatch(engine.model, engine.pad_id), RunningBatch(engine.model, engine.pad_id, fuse=False)
+    for batch in (fused, plain):
+        first = batch.admit(running)
+        batch.step(first.argmax(-1))
+    token = torch.tensor([5, 9])
+    got, want = fused.step_and_admit(token, new), plain.step_and_admit(token, new)
+    assert got.shape == (4, want.shape[1]) and torch.allclose(got.float(), want.float(), atol=tol)
+    assert torch.equal(fused.mask, plain.mask) and torch.equal(fused.pos, plain.pos)
+    after = fused.step(got.argmax(-1)), plain.step(got.argmax(-1))  # the caches agree too
+    assert torch.allclose(after[0].float(), after[1].float(), atol=tol)
