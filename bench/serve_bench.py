@@ -94,8 +94,8 @@ def summarize(runs: list[dict], tokens: int) -> dict:
     }
 
 
-def start(args: argparse.Namespace) -> tuple[dict[str, str], str]:
-    """Start Ray and the two applications; return their URLs and the served model id."""
+def start_apps(args: argparse.Namespace, apps: dict[str, list[str]], common: list[str]) -> tuple[dict[str, str], str]:
+    """Start Ray and one application per name (its own overrides on top of `common`) -> (URLs, served model id)."""
     import ray
 
     from cluster.config import load_config
@@ -103,20 +103,24 @@ def start(args: argparse.Namespace) -> tuple[dict[str, str], str]:
     from policies.export import resolve_policy
 
     ray.init(address="local", num_cpus=2 * args.cpus, include_dashboard=False, log_to_driver=False)
+    base = [f"serve.port={args.port}", f"serve.num_cpus_per_replica={args.cpus}", f"run.torch_threads={args.threads}"]
+    urls = {
+        name: start_app(args.model, load_config(None, base + common + extra), name=name, route_prefix=f"/{name}")
+        for name, extra in apps.items()
+    }
+    return urls, resolve_policy(args.model)[1]
+
+
+def start(args: argparse.Namespace) -> tuple[dict[str, str], str]:
+    """The batched and the unbatched application."""
     common = [
-        f"serve.port={args.port}",
-        f"serve.num_cpus_per_replica={args.cpus}",
-        f"run.torch_threads={args.threads}",
         "serve.max_tokens_limit=256",
         "serve.max_ongoing_requests=64",
+        f"serve.batch_wait_timeout_s={args.batch_wait}",
     ]
-    urls = {}
-    for name, batch in (("batched", args.clients), ("unbatched", 1)):
-        cfg = load_config(
-            None, common + [f"serve.max_batch_size={batch}", f"serve.batch_wait_timeout_s={args.batch_wait}"]
-        )
-        urls[name] = start_app(args.model, cfg, name=name, route_prefix=f"/{name}")
-    return urls, resolve_policy(args.model)[1]
+    return start_apps(
+        args, {"batched": [f"serve.max_batch_size={args.clients}"], "unbatched": ["serve.max_batch_size=1"]}, common
+    )
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
-from serve_bench import PROMPTS, drive, percentile, summarize
+from serve_bench import PROMPTS, drive, percentile, start_apps, summarize
 
 MODES = ("continuous", "static")
 
@@ -96,17 +96,7 @@ def poisson_summary(runs: list[dict]) -> dict:
 
 def start(args: argparse.Namespace) -> tuple[dict[str, str], str]:
     """Start Ray and the two applications; return their URLs and the served model id."""
-    import ray
-
-    from cluster.config import load_config
-    from cluster.serving import start_app
-    from policies.export import resolve_policy
-
-    ray.init(address="local", num_cpus=2 * args.cpus, include_dashboard=False, log_to_driver=False)
     common = [
-        f"serve.port={args.port}",
-        f"serve.num_cpus_per_replica={args.cpus}",
-        f"run.torch_threads={args.threads}",
         "serve.max_tokens_limit=256",
         "serve.max_batch_size=16",
         "serve.max_queue=64",
@@ -114,13 +104,7 @@ def start(args: argparse.Namespace) -> tuple[dict[str, str], str]:
         f"serve.batch_wait_timeout_s={args.batch_wait}",
         f"serve.dtype={args.dtype}",
     ]
-    urls = {
-        mode: start_app(
-            args.model, load_config(None, [*common, f"serve.batching={mode}"]), name=mode, route_prefix=f"/{mode}"
-        )
-        for mode in MODES
-    }
-    return urls, resolve_policy(args.model)[1]
+    return start_apps(args, {mode: [f"serve.batching={mode}"] for mode in MODES}, common)
 
 
 def report(closed: dict, open_: dict, rate: float, args) -> dict:

@@ -32,7 +32,6 @@ from serve.http import make_app
 from serve.metrics import ServeMetrics
 from serve.protocol import (
     APIError,
-    BatchStats,
     ChatCompletionRequest,
     CompletionRequest,
     HealthResponse,
@@ -198,7 +197,7 @@ class PolicyServer:
             model=self.model_name,
             dtype=self.engine.dtype,
             max_batch_size=self.settings.max_batch_size,
-            batching=BatchStats(**self.scheduler.snapshot()),
+            batching=self.scheduler.snapshot(),
             rewards=self.reward is not None,
         )
 

@@ -156,11 +156,16 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
+    """Fields of every choice: its index, why it ended (None while streaming), no log-probs."""
+
     index: int
-    text: str
     finish_reason: Literal["stop", "length"] | None
     logprobs: None = None
+
+
+class CompletionChoice(_Choice):
+    text: str
 
 
 class _Response(BaseModel):
@@ -182,11 +187,8 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(_Choice):
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
 
 
 class ChatCompletionResponse(_Response):
@@ -200,11 +202,9 @@ class ChatDelta(BaseModel):
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
-    index: int
+class ChatChunkChoice(_Choice):
     delta: ChatDelta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
 
 
 class ChatCompletionChunk(_Response):
@@ -245,6 +245,8 @@ class BatchStats(BaseModel):
     """Requests admitted to the batch."""
     sequences: int = 0
     """Sequences (prompts x n) admitted."""
+    row_steps: int = 0
+    """Sequences decoded, summed over steps."""
     max_rows: int = 0
     """Most sequences decoded together in one step."""
     mean_rows: float = 0.0
@@ -257,6 +259,8 @@ class BatchStats(BaseModel):
     """Requests stopped before their end (client gone)."""
     rejected: int = 0
     """Requests refused with 429 (queue full)."""
+    failed: int = 0
+    """Requests failed by an error in a generation step."""
 
 
 class HealthResponse(BaseModel):

@@ -33,6 +33,7 @@ import torch
 
 from serve.engine import Completion, Decoding, Delta, GenerationEngine, GenerationJob, InputError, sample_next
 from serve.kv_batch import RunningBatch
+from serve.protocol import BatchStats
 
 logger = logging.getLogger(__name__)
 
@@ -72,20 +73,6 @@ class _Row:
     dec: Decoding
 
 
-@dataclass
-class Counts:
-    """What the loop has done so far on this replica."""
-
-    steps: int = 0
-    row_steps: int = 0
-    requests: int = 0
-    sequences: int = 0
-    max_rows: int = 0
-    cancelled: int = 0
-    failed: int = 0
-    rejected: int = 0
-
-
 class Scheduler:
     """The generation loop of one replica: a bounded queue of requests and a running batch of their sequences."""
 
@@ -103,7 +90,7 @@ class Scheduler:
         self.batch = RunningBatch(engine.model, engine.pad_id)
         self.rows: list[_Row] = []
         self.pending = torch.zeros(0, dtype=torch.long)  # (B,) tokens sampled last step, not yet fed
-        self.counts = Counts()
+        self.counts = BatchStats(mode=mode)  # running/waiting/mean_rows are filled in by snapshot()
         self.waiting: deque[Request] = deque()
         self.queued = 0  # sequences in `waiting`
         self._sequence_s = 1.0  # running mean of a sequence's time in the batch, for Retry-After
@@ -140,21 +127,12 @@ class Scheduler:
         with self._cv:
             self._cv.notify()
 
-    def snapshot(self) -> dict:
-        """The loop's counters and its state now (the fields of ``protocol.BatchStats``)."""
+    def snapshot(self) -> BatchStats:
+        """The loop's counters and its state now."""
         c = self.counts
-        return {
-            "mode": self.mode,
-            "steps": c.steps,
-            "requests": c.requests,
-            "sequences": c.sequences,
-            "max_rows": c.max_rows,
-            "mean_rows": c.row_steps / max(c.steps, 1),
-            "running": len(self.rows),
-            "waiting": self.queued,
-            "cancelled": c.cancelled,
-            "rejected": c.rejected,
-        }
+        return c.model_copy(
+            update={"mean_rows": c.row_steps / max(c.steps, 1), "running": len(self.rows), "waiting": self.queued}
+        )
 
     @property
     def alive(self) -> bool:
@@ -176,8 +154,9 @@ class Scheduler:
         try:
             new = self._decode(admitted)
         except Exception as err:  # noqa: BLE001 - handed to every request of the batch
-            logger.exception("generation step failed; failing the %d requests in the batch", len(admitted))
-            self._fail({r.request for r in self.rows} | set(admitted), err)
+            failed = {r.request for r in self.rows} | set(admitted)
+            logger.exception("generation step failed; failing the %d requests in the batch", len(failed))
+            self._fail(failed, err)
             return True
         self._emit(new)
         self._report()

@@ -146,7 +146,7 @@ def test_cancelling_frees_the_slot_at_the_next_step(engine):
     assert first.items[-1] is None and len(first.items) == 4  # 3 steps, then the end
     assert b.admitted is not None and s.rows[0].request is b
     run(s)
-    assert second.items[-1] is None and s.snapshot()["cancelled"] == 1
+    assert second.items[-1] is None and s.snapshot().cancelled == 1
 
 
 def test_a_cancelled_waiting_request_leaves_the_queue(engine):
@@ -165,7 +165,7 @@ def test_queue_bound_and_batch_bound(engine):
     s.submit(Request([job(engine, "bad", 5)] * 2, Sink()))
     with pytest.raises(QueueFull) as full:
         s.submit(Request([job(engine, "bad", 5)], Sink()))
-    assert 1 <= full.value.retry_after_s <= 60 and s.snapshot()["rejected"] == 1
+    assert 1 <= full.value.retry_after_s <= 60 and s.snapshot().rejected == 1
     with pytest.raises(InputError) as too_many:
         s.submit(Request([job(engine, "bad", 5)] * 3, Sink()))
     assert too_many.value.param == "n"
