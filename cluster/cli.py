@@ -93,6 +93,37 @@ def cmd_jobs(args: argparse.Namespace) -> None:
     jobs(args.action, args.job_id, address=args.address)
 
 
+def cmd_label(args: argparse.Namespace) -> None:
+    """The labelling app: serve it, or invite / export / stats on its store."""
+    from cluster import labelling
+
+    words = list(args.words)
+    action = words.pop(0) if words and words[0] in LABEL_ACTIONS else "serve"
+    needs = LABEL_ACTIONS.get(action)
+    if needs and (not words or "=" in words[0]):
+        raise ConfigError(f"alignray label {action} needs {needs}")
+    target = words.pop(0) if needs else None
+    cfg = load_config(*preset_and_overrides(words[0] if words else None, words[1:]))
+    if action == "invite":
+        print(labelling.invite(cfg, target, admin=args.admin))
+    elif action == "export":
+        print(f"alignray: {labelling.export_labels(cfg, target)} preference rows written to {target}")
+    elif action == "stats":
+        print(labelling.stats_text(cfg))
+    else:
+        labelling.run_label(cfg, args.policy, args.candidates, args.reward_model, args.round)
+
+
+def cmd_iterate(args: argparse.Namespace) -> None:
+    """Rounds of candidates -> labels -> reward model -> PPO -> evaluation."""
+    from cluster.iterate import iterate
+
+    result = iterate(_load(args), rounds=args.rounds, annotator=args.annotator, fresh=args.fresh)
+    print(f"alignray: report in {result['report']}")
+
+
+LABEL_ACTIONS = {"invite": "a NAME", "export": "an output .parquet path", "stats": None}
+"""`alignray label` sub-actions -> the argument they need (none: serve the app)."""
 MODEL = (("model",), {"help": "an HF model directory, a run directory, an RLlib checkpoint or 'smollm2'"})
 COMMANDS = {
     "config": (
@@ -127,6 +158,28 @@ COMMANDS = {
             MODEL,
             "config",
             (("--reward-model",), {"default": None, "help": "also serve this reward model at /v1/rewards"}),
+        ],
+    ),
+    "label": (
+        "the labelling app: serve it, or `label invite NAME`, `label export OUT.parquet`, `label stats`",
+        cmd_label,
+        [
+            (("words",), {"nargs": "*", "help": "[invite NAME | export OUT.parquet | stats] [preset] [k=v ...]"}),
+            (("--policy",), {"default": None, "help": "model that writes the candidates (default: model.policy)"}),
+            (("--candidates",), {"default": None, "help": "a Parquet file of candidate pairs instead of a policy"}),
+            (("--reward-model",), {"default": None, "help": "show this reward model's scores on the admin page"}),
+            (("--round",), {"type": int, "default": 0, "help": "round number recorded with new items"}),
+            (("--admin",), {"action": "store_true", "help": "invite: an admin rather than an annotator"}),
+        ],
+    ),
+    "iterate": (
+        "rounds of RLHF with human or simulated feedback through the labelling app",
+        cmd_iterate,
+        [
+            "config",
+            (("--rounds",), {"type": int, "default": 2, "help": "number of rounds"}),
+            (("--annotator",), {"choices": ["human", "simulated"], "default": "simulated"}),
+            (("--fresh",), {"action": "store_true", "help": "start over (a new label store and rounds)"}),
         ],
     ),
     "submit": (
