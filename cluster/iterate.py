@@ -33,9 +33,8 @@ from pathlib import Path
 from cluster.config import Config, ConfigError
 from cluster.evaluate import evaluate
 from cluster.iterate_report import round_summary, write_rounds_report
-from cluster.labelling import APP_NAME, admin_key_for, db_url, open_store, start_label_app
+from cluster.labelling import APP_NAME, admin_key_for, check_port, db_url, open_store, start_label_app
 from cluster.report import write_report
-from cluster.serving import _check_port
 from cluster.train import train
 from envs.data import resolve_path
 from envs.models import ModelLoadError
@@ -197,7 +196,7 @@ def iterate(cfg: Config, rounds: int, annotator: str = "simulated", fresh: bool 
     own = not ray.is_initialized()
     if own:
         if not os.environ.get("RAY_ADDRESS"):
-            _check_port(cfg.serve.host, cfg.serve.port)
+            check_port(cfg.serve.host, cfg.serve.port)
         ray.init(address="local" if not os.environ.get("RAY_ADDRESS") else None, include_dashboard=False)
     key = admin_key_for(cfg)
     print(f"alignray: label store {db_url(cfg)}", flush=True)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import time
 from pathlib import Path
 
-from cluster.config import Config
-from cluster.serving import _check_port, api_key
+from cluster.config import Config, ConfigError
+from cluster.serving import api_key
 from envs.data import load_prompts, resolve_path
 from policies.export import resolve_policy
 from serve.labelling.application import delete_label_app, deploy_label_app
@@ -135,6 +136,22 @@ def start_label_app(
     return base_url(cfg)
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail early, naming the field, if something listens on the port.
+
+    SO_REUSEADDR as the HTTP proxy itself binds: a server restarted after a crash must not be
+    refused because of its old connections in TIME_WAIT.
+    """
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise ConfigError(
+                f"serve.port: cannot listen on {host}:{port} ({err.strerror}); pick another with serve.port=PORT"
+            ) from err
+
+
 def admin_key_for(cfg: Config) -> str:
     """The configured API key, else a fresh one for this server's lifetime."""
     return api_key(cfg) or secrets.token_urlsafe(24)
@@ -164,7 +181,7 @@ def run_label(
         resolve_policy(policy)  # a bad path fails before Ray starts
     own_cluster = not os.environ.get("RAY_ADDRESS")
     if own_cluster:
-        _check_port(cfg.serve.host, cfg.serve.port)
+        check_port(cfg.serve.host, cfg.serve.port)
     ray.init(address="local" if own_cluster else None, include_dashboard=False)
     key = admin_key_for(cfg)
     try:

@@ -114,7 +114,9 @@ class LabelStore:
         """Insert items (prompt, response_a, response_b, policy) with their slots; rows whose key exists are skipped."""
         added, now = 0, time.time()
         with self.engine.begin() as c:
-            known = set(c.execute(select(items.c.key).where(items.c.key.in_(keys))).scalars())
+            known: set[str] = set()
+            for i in range(0, len(keys), 500):  # bounded IN lists (SQLite caps bound parameters)
+                known |= set(c.execute(select(items.c.key).where(items.c.key.in_(keys[i : i + 500]))).scalars())
             for row, key in zip(rows, keys):
                 if key in known:
                     continue
