@@ -10,7 +10,8 @@ Layout of ``run.output_dir``::
     tb/                   TensorBoard scalars
     checkpoints/iter_N/   RLlib checkpoints (policy, value head, optimizer, KL coefficient, iteration)
                           + alignray_state.json (prompt-stream positions of every EnvRunner)
-    policy/               the final policy as a Hugging Face directory (AutoModelForCausalLM)
+    policy/               the final policy as a Hugging Face directory (AutoModelForCausalLM; LoRA merged in)
+    policy-adapter/       with LoRA, the adapter alone (peft; serve/eval take it too)
 """
 
 from __future__ import annotations
@@ -79,13 +80,14 @@ def save_checkpoint(algo, out: Path, iteration: int) -> Path:
     return path
 
 
-def policy_model(algo):
-    """The learner's current policy as a plain HF model (and its tokenizer)."""
+def policy_model(algo, adapter_dir: Path | None = None):
+    """The learner's current policy as a plain HF model (and its tokenizer); with LoRA the adapter also goes to `adapter_dir`."""
     from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 
     key = f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/{DEFAULT_MODULE_ID}"
     state = algo.learner_group.get_state(components=key)[COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]
-    return policy_from_state(state, ModuleSettings.model_validate(algo.config.rl_module_spec.model_config["settings"]))
+    settings = ModuleSettings.model_validate(algo.config.rl_module_spec.model_config["settings"])
+    return policy_from_state(state, settings, adapter_dir)
 
 
 def _ensure_ray(cfg: Config) -> bool:
@@ -150,7 +152,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 f"alignray: the shared reward-model actor scored {metrics['reward_actor']['texts']} texts "
                 f"in {metrics['reward_actor']['batches']} batches"
             )
-        model, tok = policy_model(algo)
+        model, tok = policy_model(algo, out / "policy-adapter" if cfg.model.lora.rank else None)
         metrics["policy_dir"] = str(export_pretrained(model, tok, out / "policy"))
         print(
             f"alignray: {metrics['iteration']} iterations; metrics in {out / 'metrics.csv'}, "

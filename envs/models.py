@@ -32,6 +32,22 @@ from envs import tiny
 from envs.settings import Settings
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class LoraSettings(Settings):
+    """The ``model.lora`` section: train low-rank adapters (peft) instead of every weight."""
+
+    rank: int = Field(0, ge=0)
+    """Adapter rank r (0 = full fine-tuning). With LoRA the reference model is the same weights with the adapters off (no second copy), and EnvRunners receive only the adapter weights."""
+    alpha: float = Field(32.0, gt=0)
+    """Adapter scale: the update is (alpha / r) B A."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter input; 0 keeps the forward deterministic, so the PPO ratio is exactly 1 before the first step."""
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Linear layers that get adapters (every linear layer of a Llama-style block by default, as TRL's docs advise)."""
 
 
 class ModelSettings(Settings):
@@ -43,6 +59,8 @@ class ModelSettings(Settings):
     """Master weight dtype; RLlib syncs weights through NumPy, so keep float32 unless you override state sync."""
     tiny_vocab_size: int = Field(512, ge=16)
     """Vocabulary size of the tiny test model (only used when policy='tiny')."""
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    """LoRA adapters (rank 0 = off)."""
 
 
 class ModelLoadError(RuntimeError):
@@ -132,14 +150,52 @@ def load_tokenizer(spec: str, tiny_vocab_size: int = 512):
     return tok, int(config.get_text_config().vocab_size)
 
 
-def load_causal_lm(spec: str, dtype: str = "float32", tiny_vocab_size: int = 512):
-    """(causal LM in eval mode on the CPU, tokenizer with a pad token) for a spec."""
+def load_causal_lm(spec: str, dtype: str = "float32", tiny_vocab_size: int = 512, lora: LoraSettings | None = None):
+    """(causal LM in eval mode on the CPU, tokenizer with a pad token) for a spec; wrapped with fresh adapters if `lora`.
+
+    A directory holding a LoRA adapter (``adapter_config.json``) loads its base model and merges it.
+    """
     if spec == "tiny":
-        return tiny.causal_lm(tiny_vocab_size)
-    tok, _ = load_tokenizer(spec)
-    where = resolve_model_dir(spec)
-    model = _loading(spec, where, lambda: AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype)))
+        model, tok = tiny.causal_lm(tiny_vocab_size)
+    elif (Path(spec).expanduser() / ADAPTER_CONFIG).exists():
+        model, tok = _merged_adapter(Path(spec).expanduser(), dtype)
+    else:
+        tok, _ = load_tokenizer(spec)
+        where = resolve_model_dir(spec)
+        model = _loading(spec, where, lambda: AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype)))
+    if lora is not None and lora.rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        with torch.random.fork_rng():  # the adapters' initialisation must not move anyone's random stream
+            torch.manual_seed(0)
+            model = get_peft_model(model, config)
     return model.eval(), tok
+
+
+def _merged_adapter(path: Path, dtype: str):
+    """(base model with the adapter at `path` merged in, tokenizer) of a saved LoRA adapter directory."""
+    from peft import PeftModel
+
+    base_spec = json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    base, tok = load_causal_lm(base_spec, dtype)
+    return PeftModel.from_pretrained(base, str(path)).merge_and_unload(), tok
+
+
+def unwrapped(lm):
+    """The Hugging Face causal LM under any peft wrapper."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
+def decoder(lm):
+    """The transformer under a causal LM's head (what ``last_hidden_state`` comes from), peft wrappers looked through."""
+    return unwrapped(lm).base_model
 
 
 def load_encoder(spec: str):

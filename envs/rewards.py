@@ -96,8 +96,12 @@ class RewardFunction:
         kept = [i for i, r in enumerate(batch.responses) if r.strip()]
         scores = [self.empty_score] * len(batch.responses)
         if kept:
-            got = self.reward_model.score([batch.responses[i] for i in kept], [batch.prompts[i] for i in kept],
-                                          batch_size=self.batch_size, normalize=self.normalize)
+            got = self.reward_model.score(
+                [batch.responses[i] for i in kept],
+                [batch.prompts[i] for i in kept],
+                batch_size=self.batch_size,
+                normalize=self.normalize,
+            )
             for i, s in zip(kept, got):
                 scores[i] = s
         return scores

@@ -163,8 +163,14 @@ def build_resources(
     elif "reward_model" in s.reward:
         rm = load_reward_model(reward_model or RewardModelSettings())
     batch = (reward_model or RewardModelSettings()).score_batch_size
-    fn = RewardFunction(dict(s.reward), rm, normalize=s.reward_normalization, no_eos_penalty=s.no_eos_penalty,
-                        batch_size=batch, empty_score=s.empty_response_score)
+    fn = RewardFunction(
+        dict(s.reward),
+        rm,
+        normalize=s.reward_normalization,
+        no_eos_penalty=s.no_eos_penalty,
+        batch_size=batch,
+        empty_score=s.empty_response_score,
+    )
     return EnvResources(s, tok, vocab, list(prompts), PromptStream(len(prompts), seed), fn)
 
 

@@ -1,4 +1,9 @@
-"""Learner connectors: token-level GAE advantages and value targets, then whitening over the whole iteration.
+"""Learner connectors: the advantages of every token (GAE, GRPO/RLOO, REINFORCE++), and whitening over the iteration.
+
+Which ones run is ``ppo.advantage_estimator`` (:class:`~policies.learner.LMPPOLearner` builds the
+pipeline): ``gae`` = :class:`TokenGAE` then :class:`WhitenAdvantages`; ``grpo``/``rloo`` =
+:class:`OutcomeAdvantages` (group-relative, no critic); ``reinforce_pp`` = :class:`ReinforceReturns`
+then :class:`WhitenAdvantages` (batch-normalised returns, no critic).
 
 :class:`TokenGAE` replaces RLlib's ``GeneralAdvantageEstimation``: a response that ended (EOS or
 the token budget) is terminal in RLHF, so its bootstrap value is 0 even when Gymnasium calls it
@@ -23,6 +28,8 @@ from ray.rllib.evaluation.postprocessing import Postprocessing
 from ray.rllib.utils.annotations import override
 
 from envs.text_env import ResponseInfo
+from policies.env_runner import GROUP
+from policies.estimators import grpo_advantages, returns_to_go, rloo_advantages
 from policies.ppo_math import explained_variance, gae
 
 
@@ -105,4 +112,60 @@ class WhitenAdvantages(ConnectorV2):
             mean = total / max(n, 1.0)
             std = max(squares / max(n, 1.0) - mean**2, 0.0) ** 0.5
             mbatch[Postprocessing.ADVANTAGES] = torch.where(mask, (adv - mean) / (std + 1e-8), 0.0).float()
+        return batch
+
+
+def _episode_spans(episodes: list) -> list[tuple[int, int]]:
+    """(first row, tokens) of each episode in the batch (each episode is its tokens plus one bootstrap row)."""
+    spans, start = [], 0
+    for e in episodes:
+        spans.append((start, len(e) - 1))
+        start += len(e)
+    return spans
+
+
+class OutcomeAdvantages(ConnectorV2):
+    """GRPO or RLOO: one advantage per response from its score and its group's, on every one of its tokens."""
+
+    def __init__(
+        self, input_observation_space=None, input_action_space=None, *, estimator: str, scale: bool = True, **kwargs
+    ):
+        super().__init__(input_observation_space, input_action_space, **kwargs)
+        self.estimator, self.scale = estimator, scale
+
+    @override(ConnectorV2)
+    def __call__(self, *, rl_module, batch: dict[str, Any], episodes: list, **kwargs) -> Any:
+        sa_episodes = list(self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False))
+        spans = _episode_spans(sa_episodes)
+        groups = [str(e.custom_data.get(GROUP, e.id_)) for e in sa_episodes]
+        for mbatch in batch.values():
+            rewards = mbatch[Columns.REWARDS].float().cpu().numpy()
+            scores = np.array([rewards[s : s + n].sum() for s, n in spans])  # (E,)
+            if self.estimator == "grpo":
+                per_response = grpo_advantages(scores, groups, self.scale)
+            else:
+                per_response = rloo_advantages(scores, groups)
+            adv = np.zeros(len(rewards), dtype=np.float32)
+            for (s, n), a in zip(spans, per_response):
+                adv[s : s + n] = a
+            mbatch[Postprocessing.ADVANTAGES] = torch.from_numpy(adv).to(mbatch[Columns.REWARDS].device)
+        return batch
+
+
+class ReinforceReturns(ConnectorV2):
+    """REINFORCE++: each token's advantage is its (KL-shaped) return to the end of the response; whitened after."""
+
+    def __init__(self, input_observation_space=None, input_action_space=None, *, gamma: float, **kwargs):
+        super().__init__(input_observation_space, input_action_space, **kwargs)
+        self.gamma = gamma
+
+    @override(ConnectorV2)
+    def __call__(self, *, rl_module, batch: dict[str, Any], episodes: list, **kwargs) -> Any:
+        spans = _episode_spans(list(self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False)))
+        for mbatch in batch.values():
+            rewards = mbatch[Columns.REWARDS].float().cpu().numpy()
+            adv = np.zeros(len(rewards), dtype=np.float32)
+            for s, n in spans:
+                adv[s : s + n] = returns_to_go(rewards[s : s + n], self.gamma)
+            mbatch[Postprocessing.ADVANTAGES] = torch.from_numpy(adv).to(mbatch[Columns.REWARDS].device)
         return batch

@@ -100,7 +100,7 @@ def module_spec(cfg: TrainingSections) -> RLModuleSpec:
         model=cfg.model.model_copy(update={"policy": absolute_spec(cfg.model.policy)}),
         temperature=cfg.ppo.temperature,
         reference_dtype=cfg.ppo.reference_dtype,
-        critic=cfg.ppo.critic,
+        critic=cfg.ppo.critic if cfg.ppo.advantage_estimator == "gae" else "none",
     )
     return RLModuleSpec(module_class=LMModule, model_config={"settings": settings.model_dump()})
 

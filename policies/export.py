@@ -19,12 +19,22 @@ MODULE_PATH = Path("learner_group") / "learner" / "rl_module" / "default_policy"
 BUILTIN_SPECS = ("smollm2", "tiny")
 
 
-def policy_from_state(state: dict[str, Any], settings: ModuleSettings):
-    """(HF causal LM, tokenizer) with the policy weights of an LMModule state dict."""
+def policy_from_state(state: dict[str, Any], settings: ModuleSettings, adapter_dir: str | Path | None = None):
+    """(HF causal LM, tokenizer) with the policy weights of an LMModule state dict; LoRA adapters merged in.
+
+    With LoRA and `adapter_dir`, the adapter alone is also written there (loadable on its base model with peft,
+    or by ``load_causal_lm`` / ``alignray serve`` / ``alignray eval``, which merge it).
+    """
     m = settings.model
-    model, tok = load_causal_lm(m.policy, m.dtype, m.tiny_vocab_size)
+    model, tok = load_causal_lm(m.policy, m.dtype, m.tiny_vocab_size, lora=m.lora)
     weights = {k[len("lm.") :]: torch.as_tensor(v) for k, v in state.items() if k.startswith("lm.")}
     model.load_state_dict(weights, strict=True)
+    if m.lora.rank > 0:
+        if adapter_dir is not None:
+            model.peft_config["default"].base_model_name_or_path = m.policy
+            model.save_pretrained(str(adapter_dir))
+            tok.save_pretrained(str(adapter_dir))
+        model = model.merge_and_unload()
     return model.eval(), tok
 
 

@@ -2,7 +2,9 @@
 
 For every generated token ``kl_t = log pi_old(a_t) - log pi_ref(a_t)`` (the k1 estimate; the
 sampling log-prob comes from the EnvRunner, the reference log-prob from one packed forward of
-the frozen reference model), and ``r_t <- r_t - beta * kl_t``. The same pass leaves the
+the frozen reference model). With ``ppo.kl_in='reward'``, ``r_t <- r_t - beta * kl_t`` (with the
+chosen estimator); with ``'loss'`` the rewards stay as they are and the reference log-probs are
+left in the batch (``ref_logp``) for the loss's KL term. The same pass leaves the
 reference hidden states in the batch (``ref_hidden``) when the value head reads them. ``beta``
 comes from the learner's :class:`~policies.ppo_math.KLController`; the connector records the
 batch's per-response KL (a :class:`KLStats`) so the learner can adapt ``beta`` after the update.
@@ -21,6 +23,8 @@ from ray.rllib.utils.annotations import override
 from policies.lm_module import REF_HIDDEN
 from policies.ppo_math import KLController, kl_k1, kl_k3, shape_rewards
 
+REF_LOGP = "ref_logp"  # (N,) the reference model's log-prob of each row's token
+
 
 @dataclass
 class KLStats:
@@ -36,11 +40,19 @@ class KLStats:
 
 
 class KLToReference(ConnectorV2):
-    """Shape ``REWARDS`` with the KL penalty; store the per-token KL as ``kl_ref`` in the batch."""
+    """Run the reference pass; shape ``REWARDS`` with the KL penalty (kl_in=reward); keep ``ref_logp`` and the KL statistics."""
 
-    def __init__(self, input_observation_space=None, input_action_space=None, *, controller: KLController, **kwargs):
+    def __init__(
+        self,
+        input_observation_space=None,
+        input_action_space=None,
+        *,
+        controller: KLController,
+        shaping=kl_k1,
+        **kwargs,
+    ):
         super().__init__(input_observation_space, input_action_space, **kwargs)
-        self.controller = controller
+        self.controller, self.shaping = controller, shaping
         self.last = KLStats()
 
     @override(ConnectorV2)
@@ -52,9 +64,13 @@ class KLToReference(ConnectorV2):
             ref_logp, ref_hidden = rl_module[mid].unwrapped().reference_pass(mbatch)  # (N,), (N, H) or None
             if ref_hidden is not None:
                 mbatch[REF_HIDDEN] = ref_hidden
-            kl = torch.where(mask, kl_k1(old_logp, ref_logp), 0.0)  # (N,)
-            mbatch[Columns.REWARDS] = shape_rewards(mbatch[Columns.REWARDS].float(), kl, self.controller.coef, mask)
-            mbatch["kl_ref"] = kl
+            mbatch[REF_LOGP] = ref_logp
+            kl = torch.where(mask, kl_k1(old_logp, ref_logp), 0.0)  # (N,) what the controller steers
+            if self.shaping is not None:
+                penalty = torch.where(mask, self.shaping(old_logp, ref_logp), 0.0)
+                mbatch[Columns.REWARDS] = shape_rewards(
+                    mbatch[Columns.REWARDS].float(), penalty, self.controller.coef, mask
+                )
             k3 = torch.where(mask, kl_k3(old_logp, ref_logp), 0.0)
             self.last = KLStats(float(kl.sum()), float(k3.sum()), responses, self.controller.coef)
         return batch

@@ -22,10 +22,12 @@ import inspect
 import torch
 from transformers import DynamicCache
 
+from envs.models import decoder, unwrapped
+
 
 def cache_kwargs(model, cache: DynamicCache) -> dict:
     """``{"cache": cache}`` on transformers versions that renamed ``past_key_values``, else the old name."""
-    params = inspect.signature(model.forward).parameters
+    params = inspect.signature(unwrapped(model).forward).parameters
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
@@ -127,12 +129,12 @@ class PrefixKVCache:
             else DynamicCache()
         )
         if S:
-            lm.base_model(
+            decoder(lm)(
                 input_ids=x.to(lm.device),
                 attention_mask=valid.to(lm.device),
                 position_ids=pos.to(lm.device),
                 use_cache=True,
-                **cache_kwargs(lm.base_model, past),
+                **cache_kwargs(decoder(lm), past),
             )
         if k < MIN_SHARED_PREFIX:  # remember this context as the prefix later prompts may share
             first = int(n[0])

@@ -31,11 +31,11 @@ from ray.rllib.evaluation.postprocessing import Postprocessing
 from ray.rllib.utils.annotations import override
 
 from envs.settings import Settings
-from policies.advantages import TokenGAE, WhitenAdvantages
-from policies.kl_shaping import KLStats, KLToReference
+from policies.advantages import OutcomeAdvantages, ReinforceReturns, TokenGAE, WhitenAdvantages
+from policies.kl_shaping import REF_LOGP, KLStats, KLToReference
 from policies.lm_module import ENTROPY, LOGP, Critic
 from policies.minibatches import ResponseMinibatches, group_units
-from policies.ppo_math import KLController, masked_mean, pg_loss, value_loss
+from policies.ppo_math import KL_ESTIMATORS, KLController, masked_mean, pg_loss, value_loss
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,14 @@ class PPOSettings(Settings):
     """Responses per prompt within an iteration (k > 1 for GRPO/RLOO): k slots of a vector env answer the same prompt."""
     lr: float = Field(1e-5, gt=0)
     """Adam learning rate of the policy."""
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    """'gae': PPO with a critic (token-level GAE, whitened); 'grpo': (score - group mean) / group std, no critic; 'rloo': score minus the mean of the group's other scores, no critic; 'reinforce_pp': REINFORCE++ (per-token returns of the KL-shaped rewards, whitened over the batch), no critic. 'grpo' and 'rloo' need group_size >= 2."""
+    grpo_scale_rewards: bool = True
+    """GRPO divides by the group's std; false is Dr. GRPO (only the group mean is subtracted: no difficulty bias toward near-unanimous groups)."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference acts: 'reward' (shaped into every token's reward, so the advantage carries it: InstructGPT, our PPO) or 'loss' (a separate term beta * KL in the loss, as GRPO does: the advantage stays pure reward)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimate: k1 = log pi - log pi_ref (unbiased; the one to put in the reward: as a loss its expected gradient is 0); k2 = (log ratio)^2 / 2 (as a loss its gradient is the reverse KL's); k3 = exp(-log ratio) - 1 + log ratio (unbiased, >= 0, low variance: GRPO's choice in the loss)."""
     critic: Critic = "reference"
     """What the value head reads: 'reference' (the frozen reference's final hidden state: no extra pass, the critic never pulls on the policy) or 'policy' (the policy's own, trained through the shared trunk)."""
     vf_lr: float = Field(1e-3, gt=0)
@@ -103,6 +111,11 @@ class PPOSettings(Settings):
 
     @model_validator(mode="after")
     def _whole_minibatches(self) -> PPOSettings:
+        if self.advantage_estimator in ("grpo", "rloo") and self.group_size < 2:
+            raise ValueError(
+                f"advantage_estimator={self.advantage_estimator} compares the responses to one prompt, so "
+                f"it needs group_size >= 2 (got {self.group_size})"
+            )
         if self.minibatch_episodes % self.group_size:
             raise ValueError(
                 f"minibatch_episodes ({self.minibatch_episodes}) must be a multiple of group_size "
@@ -135,15 +148,23 @@ class LMPPOLearner(PPOTorchLearner):
         self._minibatch = 0
         for module_id in self.module.keys():  # the entropy is only a metric unless the bonus is on
             self.module[module_id].unwrapped().entropy_grad = _nonzero(self.config.entropy_coeff)
-        self.kl_connector = KLToReference(controller=self.kl_controller)
+        shaping = KL_ESTIMATORS[p.kl_estimator] if p.kl_in == "reward" else None
+        self.kl_connector = KLToReference(controller=self.kl_controller, shaping=shaping)
         self.gae_connector = TokenGAE(gamma=self.config.gamma, lambda_=self.config.lambda_)
         pipe = self._learner_connector
         if pipe is not None and self.config.add_default_connectors_to_learner_pipeline:
             pipe.remove("GeneralAdvantageEstimation")
-            pipe.append(self.kl_connector)
-            pipe.append(self.gae_connector)
-            if p.whiten_advantages:
-                pipe.append(WhitenAdvantages(all_reduce_sum=self._all_reduce_sum))
+            for connector in self._advantage_pipeline(p):
+                pipe.append(connector)
+
+    def _advantage_pipeline(self, p: PPOSettings) -> list[ConnectorV2]:
+        """The connectors after RLlib's: the reference pass (and KL shaping), then the chosen estimator."""
+        whiten = WhitenAdvantages(all_reduce_sum=self._all_reduce_sum)
+        if p.advantage_estimator == "gae":
+            return [self.kl_connector, self.gae_connector] + ([whiten] if p.whiten_advantages else [])
+        if p.advantage_estimator == "reinforce_pp":
+            return [self.kl_connector, ReinforceReturns(gamma=self.config.gamma), whiten]
+        return [self.kl_connector, OutcomeAdvantages(estimator=p.advantage_estimator, scale=p.grpo_scale_rewards)]
 
     @override(PPOTorchLearner)
     def _create_iterator_if_necessary(self, *, training_data, num_epochs=1, **kwargs):
@@ -167,15 +188,22 @@ class LMPPOLearner(PPOTorchLearner):
         advantages = batch[Postprocessing.ADVANTAGES]  # (N,) already whitened over the iteration
         logp, old_logp = fwd_out[LOGP], batch[Columns.ACTION_LOGP].float()  # (N,)
         policy_loss, clipfrac = pg_loss(logp, old_logp, advantages, config.clip_param, mask)
-        values = module.compute_values(batch, fwd_out.get(Columns.EMBEDDINGS))  # (N,)
-        vf_loss = value_loss(
-            values, batch[Columns.VF_PREDS], batch[Postprocessing.VALUE_TARGETS], config.vf_clip_param, mask
-        )
+        vf_loss = torch.zeros(())
+        if hasattr(module, "vf_head"):  # critic-free estimators have none
+            values = module.compute_values(batch, fwd_out.get(Columns.EMBEDDINGS))  # (N,)
+            vf_loss = value_loss(
+                values, batch[Columns.VF_PREDS], batch[Postprocessing.VALUE_TARGETS], config.vf_clip_param, mask
+            )
         entropy = masked_mean(fwd_out[ENTROPY], mask)
         entropy_coeff = self.entropy_coeff_schedulers_per_module[module_id].get_current_value()
         # The reference critic's head has its own Adam: a weight on its loss would cancel (see vf_loss_coeff).
         vf_weight = config.vf_loss_coeff if self.settings.critic == "policy" else 1.0
-        total = (policy_loss + vf_weight * vf_loss - entropy_coeff * entropy) * self._token_share(mask)
+        total = policy_loss + vf_weight * vf_loss - entropy_coeff * entropy
+        if self.settings.kl_in == "loss":  # beta * KL(pi || ref), the gradient through the current log-probs
+            kl_loss = masked_mean(KL_ESTIMATORS[self.settings.kl_estimator](logp, batch[REF_LOGP]), mask)
+            total = total + self.kl_controller.coef * kl_loss
+            self.metrics.log_value((module_id, "kl_loss"), float(kl_loss), reduce="mean")
+        total = total * self._token_share(mask)
         self._log_minibatch(module_id, logp.detach(), old_logp, mask, policy_loss, vf_loss, entropy, clipfrac)
         return total
 
@@ -212,11 +240,14 @@ class LMPPOLearner(PPOTorchLearner):
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
         """Fused Adam (10x faster than the default per-tensor loop on CPU) for the LM; its own for the value head."""
         module = self.module[module_id].unwrapped()
-        head = list(module.vf_head.parameters())
-        lm = [p for p in self.get_parameters(self.module[module_id]) if all(p is not h for h in head)]
+        head = list(module.vf_head.parameters()) if hasattr(module, "vf_head") else []
+        lm = [
+            p for p in self.get_parameters(self.module[module_id]) if p.requires_grad and all(p is not h for h in head)
+        ]
         settings = PPOSettings.model_validate(config.learner_config_dict["ppo"])
         vf_lr = settings.vf_lr if settings.critic == "reference" else config.lr
-        for name, params, lr in (("policy", lm, config.lr), ("value", head, vf_lr)):
+        parts = (("policy", lm, config.lr), ("value", head, vf_lr))
+        for name, params, lr in (part for part in parts if part[1]):
             self.register_optimizer(
                 module_id=module_id,
                 optimizer_name=name,

@@ -11,7 +11,10 @@
   critic never pulls on the policy. With ``critic='policy'`` the head reads the policy's own final
   hidden state and its loss trains the shared trunk too. Both live in
   ``get_non_inference_attributes`` so EnvRunners never build or receive them; the reference is
-  kept out of ``state_dict`` (it is rebuilt from the model spec).
+  kept out of ``state_dict`` (it is rebuilt from the model spec). Critic-free estimators build no head.
+- With LoRA (``model.lora.rank > 0``) the LM carries peft adapters: the reference is the same
+  weights with the adapters disabled (no second copy), and the state EnvRunners receive is the
+  adapter weights alone.
 - Every log-prob (sampler, learner, reference, evaluation) comes from the model's own forward
   (:func:`policies.packing.packed_logits`, or the KV cache's forward), so a family that transforms
   its logits (Gemma2 soft-capping, Granite scaling) is sampled and trained under one distribution.
@@ -30,6 +33,8 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
+from ray.rllib.utils.numpy import convert_to_numpy
+from ray.rllib.utils.torch_utils import convert_to_torch_tensor
 from torch import nn
 
 from envs.models import ModelSettings, load_causal_lm
@@ -42,7 +47,7 @@ from policies.sampling import sample_tokens, scaled_logp
 LOGP = "logp"
 ENTROPY = "entropy"
 REF_HIDDEN = "ref_hidden"  # (N, H) float32 final hidden state of the reference model at each row
-Critic = Literal["reference", "policy"]
+Critic = Literal["reference", "policy", "none"]
 
 
 class ModuleSettings(Settings):
@@ -55,7 +60,7 @@ class ModuleSettings(Settings):
     reference_dtype: Literal["float32", "bfloat16"]
     """Weights of the frozen reference model on the Learner."""
     critic: Critic
-    """Which final hidden state the value head reads: the frozen reference's or the policy's own."""
+    """Which final hidden state the value head reads (the frozen reference's or the policy's own), or no value head."""
 
 
 class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
@@ -68,22 +73,32 @@ class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         m = self.settings.model
         self.spec = (m.policy, m.dtype, m.tiny_vocab_size)
         self.temperature = self.settings.temperature
-        self.lm, _ = load_causal_lm(*self.spec)
+        self.lora = m.lora.rank > 0
+        self.lm, _ = load_causal_lm(*self.spec, lora=m.lora)
         self._kv = PrefixKVCache()
         self.entropy_grad = True  # the learner turns this off when the entropy bonus is 0
         if self.inference_only:
             self.eval()  # EnvRunners only sample: no train/eval toggling of every submodule per step
             return
-        self.vf_head = nn.Linear(self.lm.config.get_text_config().hidden_size, 1)
-        nn.init.zeros_(self.vf_head.weight)
-        nn.init.zeros_(self.vf_head.bias)
-        ref, _ = load_causal_lm(*self.spec)
-        ref = ref.to(getattr(torch, self.settings.reference_dtype)).requires_grad_(False)
-        object.__setattr__(self, "_ref_lm", ref.eval())  # not a submodule: no state, no optimizer
+        if self.settings.critic != "none":
+            self.vf_head = nn.Linear(self.lm.config.get_text_config().hidden_size, 1)
+            nn.init.zeros_(self.vf_head.weight)
+            nn.init.zeros_(self.vf_head.bias)
+        if not self.lora:  # with LoRA the reference is the same weights with the adapters off
+            ref, _ = load_causal_lm(*self.spec)
+            ref = ref.to(getattr(torch, self.settings.reference_dtype)).requires_grad_(False)
+            object.__setattr__(self, "_ref_lm", ref.eval())  # not a submodule: no state, no optimizer
 
     @override(InferenceOnlyAPI)
     def get_non_inference_attributes(self) -> list[str]:
-        return ["vf_head", "_ref_lm"]
+        return [name for name in ("vf_head", "_ref_lm") if hasattr(self, name)]
+
+    @override(TorchRLModule)
+    def get_state(self, components=None, *, not_components=None, inference_only: bool = False, **kwargs):
+        """With LoRA, what EnvRunners receive is the adapter weights alone (they rebuild the frozen base themselves)."""
+        if self.lora and (inference_only or self.inference_only):  # filtered before NumPy: no copy of the base
+            return convert_to_numpy({k: v for k, v in self.state_dict().items() if "lora_" in k})
+        return super().get_state(components, not_components=not_components, inference_only=inference_only, **kwargs)
 
     # -- EnvRunner side ------------------------------------------------------------------
 
@@ -105,7 +120,10 @@ class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
 
     @override(TorchRLModule)
     def set_state(self, state) -> None:
-        super().set_state(state)
+        if self.lora and self.inference_only and state and all("lora_" in k for k in state):
+            self.load_state_dict(convert_to_torch_tensor(state), strict=False)  # adapters only, by design
+        else:
+            super().set_state(state)
         self._kv.clear()  # cached keys/values belong to the old weights
 
     # -- Learner side --------------------------------------------------------------------
@@ -146,8 +164,12 @@ class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
     @torch.no_grad()
     def reference_pass(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One packed forward of the frozen reference: (log-prob of each row's action (N,), its float32 hidden state (N, H) when the critic reads it)."""
-        ref = self._ref_lm
-        if ref.device != self.lm.device:
-            ref.to(self.lm.device)
-        logp, _, hidden = self._pass(ref, batch, with_hidden=self.settings.critic == "reference")
+        with_hidden = self.settings.critic == "reference"
+        if self.lora:
+            with self.lm.disable_adapter():
+                logp, _, hidden = self._pass(self.lm, batch, with_hidden)
+        else:
+            if self._ref_lm.device != self.lm.device:
+                self._ref_lm.to(self.lm.device)
+            logp, _, hidden = self._pass(self._ref_lm, batch, with_hidden)
         return logp, None if hidden is None else hidden.float()

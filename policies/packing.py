@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from envs.models import decoder
+
 
 @dataclass
 class Packing:
@@ -66,7 +68,7 @@ def packed_logits(lm, packing: Packing, with_hidden: bool = False) -> tuple[torc
     keep[packing.group, packing.pos] = True
     index = (keep.flatten().cumsum(0) - 1).view(G, T)[packing.group, packing.pos]  # (N,) row -> kept logit
     captured: dict[str, torch.Tensor] = {}
-    hook = lm.base_model.register_forward_hook(lambda _m, _a, out: captured.update(h=out.last_hidden_state))
+    hook = decoder(lm).register_forward_hook(lambda _m, _a, out: captured.update(h=out.last_hidden_state))
     try:
         out = lm(input_ids=packing.seqs, attention_mask=attention.long(), logits_to_keep=keep, use_cache=False)
     finally:

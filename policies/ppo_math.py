@@ -24,6 +24,15 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.expm1(r) - r
 
 
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL estimate ``(log pi(a) - log pi_ref(a))^2 / 2`` (biased, >= 0; as a loss its gradient is the reverse KL's). (N,) -> (N,)."""
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+"""Per-token KL estimators by name (``ppo.kl_estimator``)."""
+
+
 def shape_rewards(rewards: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> torch.Tensor:
     """KL-shaped rewards ``r_t - beta * kl_t`` on valid rows; masked rows keep their reward. (N,) -> (N,)."""
     return torch.where(mask, rewards - kl_coef * kl, rewards)

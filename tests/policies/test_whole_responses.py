@@ -95,9 +95,12 @@ def test_two_env_runners_split_a_pass_of_the_prompts_and_the_seed_moves_the_toke
         algo = build_ppo_config(cfg, seed).build_algo()
         try:
             group = algo.env_runner_group
-            draw = lambda r: [
-                (e.get_infos(-1)["prompt_index"], tuple(e.get_actions())) for e in r.sample(num_episodes=8)
-            ]  # noqa: E731
+
+            def draw(runner):
+                return [
+                    (e.get_infos(-1)["prompt_index"], tuple(e.get_actions())) for e in runner.sample(num_episodes=8)
+                ]
+
             return group.foreach_env_runner(draw, local_env_runner=runners == 0)
         finally:
             algo.stop()
