@@ -240,17 +240,24 @@ def preset_and_overrides(config: str | None, overrides: list[str]) -> tuple[str,
     return config or "demo", overrides
 
 
+def read_preset(preset: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset's sections, on top of the preset its ``base:`` key names (``base: demo``), if any."""
+    path = preset_path(preset)
+    if path in seen:
+        raise ConfigError(f"{path}: its base presets form a loop")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = data.pop("base", None)
+    return merge(read_preset(base, (*seen, path)), data) if base else data
+
+
 def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a preset (name or YAML path; None = defaults), apply overrides, validate everything."""
-    data: dict[str, Any] = {}
-    if preset is not None:
-        path = preset_path(preset)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = read_preset(preset) if preset is not None else {}
     data = merge(data, parse_overrides(overrides or []))
     try:
         return Config.model_validate(data)

@@ -122,3 +122,14 @@ def test_an_override_of_every_mapping_field_replaces_the_presets_value(tmp_path)
     for dotted in fields:
         section, name = dotted.split(".")
         assert getattr(getattr(cfg, section), name) == {"gold": 3.0}, dotted
+
+
+def test_a_preset_builds_on_its_base(tmp_path):
+    grpo = load_config("grpo")
+    assert grpo.ppo.advantage_estimator == "grpo" and grpo.ppo.group_size == 8
+    assert grpo.ppo.iterations == load_config("demo").ppo.iterations and grpo.model.policy == "smollm2"  # from demo
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"base: {b}\n")
+    b.write_text(f"base: {a}\n")
+    with pytest.raises(ConfigError, match="base presets form a loop"):
+        load_config(a)
