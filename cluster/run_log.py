@@ -12,7 +12,7 @@ METRICS = (
     "entropy", "response_length", "length_min", "length_max", "eos_rate", "truncated_rate", "empty_rate", "episodes",
     "tokens", "rollout_tokens_per_s", "learner_tokens_per_s", "policy_loss", "vf_loss", "vf_explained_var",
     "approx_kl", "clipfrac", "ratio_mean", "ratio_max", "ratio_dev", "first_approx_kl", "first_clipfrac",
-    "first_ratio_dev", "time_s",
+    "first_ratio_dev", "weight_sync_bytes", "time_s",
 )  # fmt: skip
 """Columns of ``metrics.csv`` (one row per iteration)."""
 
@@ -51,6 +51,7 @@ def summarize(result: dict[str, Any], module_id: str = "default_policy") -> dict
         "tokens": _num(resp.get("length", 0)),
         "rollout_tokens_per_s": _ratio(resp.get("length"), timers.get("env_runner_sampling_timer")),
         "learner_tokens_per_s": _ratio(resp.get("length"), timers.get("learner_update_timer")),
+        "weight_sync_bytes": _num(runners.get("weight_sync_bytes")),
         "time_s": _num(result.get("time_this_iter_s")),
     }
     return out

@@ -6,11 +6,16 @@ responses (slots that finish early start again and finish first) and re-seeds th
 the prompt stream, on every call. This runner fixes both through the env: it tells the vector
 env to hand out exactly n responses (each slot its share, then it parks) and pins the env's
 prompt stream to this runner's shard of the common permutation. Each returned episode carries
-its group id (unique across runners and calls) in ``custom_data["group"]``.
+its group id (unique across runners and calls) in ``custom_data["group"]``. The size of every
+weight sync it receives is logged (``weight_sync_bytes``: the whole policy, or only the LoRA adapters).
 """
 
 from __future__ import annotations
 
+import numpy as np
+import ray
+import tree
+from ray.rllib.core import COMPONENT_RL_MODULE
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.utils.annotations import override
 
@@ -41,3 +46,13 @@ class ResponseEnvRunner(SingleAgentEnvRunner):
             local = episode.get_infos(-1)[GROUP]
             episode.custom_data[GROUP] = f"{self.worker_index}:{self._calls}:{local}"
         return episodes
+
+    @override(SingleAgentEnvRunner)
+    def set_state(self, state) -> None:
+        module_state = state.get(COMPONENT_RL_MODULE) if isinstance(state, dict) else None
+        if module_state is not None:
+            if isinstance(module_state, ray.ObjectRef):
+                module_state = ray.get(module_state)
+            nbytes = sum(a.nbytes for a in tree.flatten(module_state) if isinstance(a, np.ndarray))
+            self.metrics.log_value("weight_sync_bytes", nbytes, reduce="max")
+        super().set_state(state)

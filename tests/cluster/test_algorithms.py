@@ -101,6 +101,8 @@ def test_lora_trains_only_the_adapters_and_its_reference_is_the_base_model(lora_
     assert adapters and all(torch.as_tensor(state[k]).abs().sum() > 0 for k in adapters)  # B starts at 0: they moved
     rows = read_metrics(tmp / "run" / "metrics.csv")
     assert abs(rows[0]["kl_ref"]) < 1e-6 and rows[0]["first_ratio_dev"] < 1e-6  # adapters off == the base model
+    adapter_bytes = sum(torch.as_tensor(v).numel() * 4 for k, v in state.items() if "lora_" in k)
+    assert rows[-1]["weight_sync_bytes"] == adapter_bytes  # EnvRunners receive the adapters and nothing else
 
 
 def test_lora_reference_pass_equals_the_base_model_to_the_digit(lora_run):
