@@ -162,9 +162,7 @@ def test_env_runner_killed_mid_training_the_run_completes(cluster, client, tmp_p
     assert killed_during < total, "the kill came too late to test anything"
     assert iterations(out) == list(range(1, total + 1))
     assert all(r["episodes"] > 0 for r in read_metrics(out / "metrics.csv"))
-    after = [
-        a for a in job_actors(cluster, client, job_id, "ResponseEnvRunner") if a["actor_id"] == victim["actor_id"]
-    ]
+    after = [a for a in job_actors(cluster, client, job_id, "ResponseEnvRunner") if a["actor_id"] == victim["actor_id"]]
     assert after and int(after[0]["num_restarts"]) >= 1, "the killed EnvRunner was restarted"
     # Every EnvRunner's prompt stream went on from where it was (the tiny preset checkpoints every
     # iteration); a checkpoint taken while the victim was down has None for it.

@@ -138,8 +138,16 @@ def test_reward_actor_options_come_from_the_config(tmp_path, monkeypatch):
 
 def test_a_known_reward_is_learned(tmp_path):
     """The 'eos' reward (1 for a response that ends with EOS): the tiny policy learns to stop."""
-    over = {"env.reward": "{eos: 1.0}", "ppo.iterations": 8, "ppo.episodes_per_iteration": 16, "ppo.minibatch_episodes": 8,
-            "ppo.epochs": 2, "ppo.lr": 0.01, "ppo.kl_coef": 0.01, "ppo.kl_target": 0}
+    over = {
+        "env.reward": "{eos: 1.0}",
+        "ppo.iterations": 8,
+        "ppo.episodes_per_iteration": 16,
+        "ppo.minibatch_episodes": 8,
+        "ppo.epochs": 2,
+        "ppo.lr": 0.01,
+        "ppo.kl_coef": 0.01,
+        "ppo.kl_target": 0,
+    }
     train(tiny_cfg(tmp_path, **over))
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     first, last = rows[0], rows[-1]

@@ -140,7 +140,9 @@ def finish_all(venv, steps=40):
     done = []
     for _ in range(steps):
         _, r, term, trunc, infos = venv.step(np.full(venv.num_envs, 10))
-        done += [{k: infos[k][i] for k in ("response_tokens", "group", "prompt_index")} for i in np.flatnonzero(term | trunc)]
+        done += [
+            {k: infos[k][i] for k in ("response_tokens", "group", "prompt_index")} for i in np.flatnonzero(term | trunc)
+        ]
     return done
 
 
