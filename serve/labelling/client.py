@@ -38,7 +38,8 @@ class LabelClient:
             self.conn.close()
             self.conn = None
 
-    def _once(self, method: str, path: str, body: dict | None) -> tuple[int, dict]:
+    def _once(self, method: str, path: str, body: dict | None) -> tuple[int, dict, bool]:
+        """(status, body, whether the app itself answered: its answers are JSON, the proxy's are text)."""
         if self.conn is None:
             self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
@@ -54,24 +55,26 @@ class LabelClient:
             self.close()
             raise
         try:
-            return resp.status, (json.loads(raw) if raw else {})
-        except ValueError:  # Serve's proxy answers some failures in plain text
-            return resp.status, {"error": {"message": raw.decode(errors="replace")[:200]}}
+            return resp.status, (json.loads(raw) if raw else {}), True
+        except ValueError:  # Serve's proxy answers in plain text
+            return resp.status, {"error": {"message": raw.decode(errors="replace")[:200]}}, False
 
     def request(self, method: str, path: str, body: dict | None = None) -> dict:
         """JSON in, JSON out; transport failures are retried, an error status raises LabelAPIError."""
         deadline = time.monotonic() + self.retry_s
         while True:
             try:
-                status, out = self._once(method, path, body)
+                status, out, from_app = self._once(method, path, body)
             except (OSError, http.client.HTTPException):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
                 continue
-            # Serve's proxy answers 5xx while a replica is lost or restarting; every route is safe to repeat
-            # (a label carries its request_id), so wait for the app to come back.
-            if status in RETRY_STATUSES and time.monotonic() < deadline:
+            # Serve's proxy answers 5xx while a replica is lost or restarting, and a plain-text 404 while a
+            # restarted Serve has not deployed the app yet; every route is safe to repeat (a label
+            # carries its request_id), so wait for the app to come back.
+            transient = status in RETRY_STATUSES or (status == 404 and not from_app)
+            if transient and time.monotonic() < deadline:
                 time.sleep(0.5)
                 continue
             if status >= 400:

@@ -83,8 +83,8 @@ def _labels(db: Path) -> tuple[int, int]:
 
 
 def test_a_killed_run_continues_where_it_stopped_without_losing_labels(tmp_path):
-    args = [str(ALIGNRAY), "iterate", "tiny", "--rounds", "1", "--annotator", "simulated", *_overrides(tmp_path)]
-    args += ["feedback.round_items=40", "feedback.batch_size=4"]
+    args = [str(ALIGNRAY), "iterate", "tiny", *_overrides(tmp_path), "feedback.round_items=40", "feedback.batch_size=4"]
+    args += ["--rounds", "1", "--annotator", "simulated"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     db = tmp_path / "run" / "labels.db"
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path)
@@ -94,7 +94,10 @@ def test_a_killed_run_continues_where_it_stopped_without_losing_labels(tmp_path)
             assert proc.poll() is None and time.time() < deadline, "iterate ended or stalled before labelling"
             time.sleep(0.05)
     finally:  # the whole tree: the CLI, its Ray, the app's replica
-        family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        try:
+            family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
         for pid in family:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -25,10 +25,13 @@ async function api(path, body) {
     opts.body = JSON.stringify(body);
   }
   const r = await fetch(root + path, opts);
-  const data = await r.json().catch(() => ({}));
+  let data = null;
+  try { data = await r.json(); } catch (e) { data = null; }
   if (!r.ok) {
-    const err = new Error((data.error && data.error.message) || r.statusText);
+    const err = new Error((data && data.error && data.error.message) || r.statusText);
     err.status = r.status;
+    // The app answers in JSON; a text answer is Serve's proxy while the app is down or restarting.
+    err.transient = r.status >= 500 || data === null;
     throw err;
   }
   return data;
@@ -115,7 +118,7 @@ async function postWithRetry(path, body) {
     try {
       return await api(path, body);
     } catch (err) {
-      if ((err.status !== undefined && err.status < 500) || attempt >= 20) throw err;
+      if ((err.status !== undefined && !err.transient) || attempt >= 60) throw err;
       status('Server unreachable, retrying…');
       await new Promise((done) => setTimeout(done, 1000));
     }
