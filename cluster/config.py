@@ -43,6 +43,8 @@ class RunSettings(Settings):
     """Seed for prompts, sampling and initialisation."""
     checkpoint_every: int = Field(5, ge=1)
     """Save an RLlib checkpoint every K iterations (and at the end)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Keep the newest N complete checkpoints of a run (older ones are deleted after each save)."""
     eval_prompts: int = Field(64, ge=1)
     """Held-out prompts used by `eval` and the demo report."""
     torch_threads: int = Field(0, ge=0)

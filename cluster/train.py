@@ -70,13 +70,16 @@ def _restore_data_positions(algo, positions: list[dict | None]) -> None:
             callback.positions.update(saved)
 
 
-def save_checkpoint(algo, out: Path, iteration: int) -> Path:
-    """Write an RLlib checkpoint plus our own state; the state file marks it complete."""
+def save_checkpoint(algo, out: Path, iteration: int, keep: int) -> Path:
+    """Write an RLlib checkpoint plus our own state (the state file marks it complete); keep the newest `keep`."""
     path = checkpoint_dir(out, iteration)
     if path.exists():
         shutil.rmtree(path)
     algo.save_to_path(str(path.resolve()))
     (path / STATE_FILE).write_text(json.dumps({"iteration": iteration, "data_positions": _data_positions(algo)}))
+    done = sorted((p for p in (out / "checkpoints").glob("iter_*") if (p / STATE_FILE).exists()), key=lambda p: p.name)
+    for old in done[:-keep]:  # a SmolLM2 checkpoint with its Adam state is 1.7 GB
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 
@@ -180,7 +183,7 @@ def _loop(algo, cfg: Config, out: Path, start: int, resumed: bool) -> dict[str, 
                 tok_s=f"{metrics['rollout_tokens_per_s']:.0f}",
             )
             if it % every == 0 or it == total:
-                metrics["checkpoint"] = str(save_checkpoint(algo, out, it))
+                metrics["checkpoint"] = str(save_checkpoint(algo, out, it, cfg.run.keep_checkpoints))
     finally:
         log.close()
     if not metrics:  # nothing left to train: report the last logged iteration

@@ -83,6 +83,7 @@ def test_resume_continues_from_saved_iteration(run):
         for i in (2, 3)
     ]
     assert positions[1] > positions[0]  # the prompt stream went on from where it was
+    assert sorted(p.name for p in (tmp / "run" / "checkpoints").iterdir()) == ["iter_000002", "iter_000003"]  # keep 2
     assert not ray.is_initialized()
 
 
