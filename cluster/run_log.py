@@ -54,6 +54,9 @@ def summarize(result: dict[str, Any], module_id: str = "default_policy") -> dict
         "weight_sync_bytes": _num(runners.get("weight_sync_bytes")),
         "time_s": _num(result.get("time_this_iter_s")),
     }
+    # Per criterion (reward-model heads, gold criteria) and per constraint: columns named after them.
+    out |= {name: _ratio(total, count) for name, total in runners.get("parts", {}).items()}
+    out |= {k: _num(v) for k, v in learner.items() if k.startswith(("multiplier.", "constraint."))}
     return out
 
 
@@ -71,19 +74,29 @@ class RunLog:
     def __init__(self, out_dir: str | Path, resume_from: int | None = None):
         self.path = Path(out_dir) / "metrics.csv"
         rows = read_metrics(self.path) if resume_from is not None and self.path.exists() else []
-        rows = [r for r in rows if r["iteration"] <= (resume_from or 0)]  # drop rows past the checkpoint
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRICS)
-            writer.writeheader()
-            writer.writerows(rows)
+        self.rows = [r for r in rows if r["iteration"] <= (resume_from or 0)]  # drop rows past the checkpoint
+        self.columns = list(self.rows[0]) if self.rows else list(METRICS)
+        self._rewrite()
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=(resume_from or 0) + 1)
 
+    def _rewrite(self) -> None:
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+
     def write(self, metrics: dict[str, float]) -> None:
-        """Append one iteration."""
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=METRICS).writerow({k: metrics.get(k) for k in METRICS})
+        """Add one iteration (the run's per-criterion columns come after the fixed ones)."""
+        self.rows.append(metrics)
+        extra = [k for k in metrics if k not in self.columns]
+        if extra:
+            self.columns += sorted(extra)
+            self._rewrite()
+        else:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(metrics)
         for k, v in metrics.items():
             if k != "iteration" and v == v:
                 self.tb.add_scalar(f"alignray/{k}", v, metrics["iteration"])

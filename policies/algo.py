@@ -83,8 +83,10 @@ def env_config(cfg: TrainingSections, seed: int) -> dict[str, Any]:
     """Keyword arguments of :class:`envs.text_env.TextGenerationEnv` (RLlib copies them to every EnvRunner)."""
     model = cfg.model.model_copy(update={"policy": absolute_spec(cfg.model.policy)})
     data = cfg.data.model_copy(update={"prompts": str(resolve_path(cfg.data.prompts).resolve())})
+    # A constrained part must be computed even when it carries no weight in the objective.
+    weights = {**{name: 0.0 for name in cfg.ppo.constraints}, **cfg.env.reward}
     return {
-        "settings": cfg.env,
+        "settings": cfg.env.model_copy(update={"reward": weights}),
         "model": model,
         "data": data,
         "reward_model": cfg.reward_model.resolved(),

@@ -2,7 +2,8 @@
 
 :class:`ResponseMetrics` (on the EnvRunners): each finished response adds to per-iteration sums
 (RLlib's ``reduce="sum"`` restarts every iteration); the train loop divides by ``count``.
-Results land under ``result["env_runners"]["response"]``.
+Results land under ``result["env_runners"]["response"]``, and the sum of every reward part (each
+reward-model head, each gold criterion) under ``result["env_runners"]["parts"]``.
 
 :class:`DataPositions` (on the driver): after each iteration it records every EnvRunner's
 prompt-stream position; when RLlib recreates a crashed EnvRunner it gives it back its last
@@ -49,6 +50,8 @@ class ResponseMetrics(RLlibCallback):
             metrics_logger.log_value(("response", "rm_count"), 1.0, reduce="sum")
         metrics_logger.log_value(("response", "length_min"), values["length"], reduce="min")
         metrics_logger.log_value(("response", "length_max"), values["length"], reduce="max")
+        for name, value in episode.get_infos(-1).get("reward_parts", {}).items():  # every criterion's RM and gold score
+            metrics_logger.log_value(("parts", name), float(value), reduce="sum")
 
 
 def data_positions(group) -> dict[int, dict]:

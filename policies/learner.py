@@ -32,10 +32,11 @@ from ray.rllib.utils.annotations import override
 
 from envs.settings import Settings
 from policies.advantages import OutcomeAdvantages, ReinforceReturns, TokenGAE, WhitenAdvantages
+from policies.constraints import LagrangianReward
 from policies.kl_shaping import REF_LOGP, KLStats, KLToReference
 from policies.lm_module import ENTROPY, LOGP, Critic
 from policies.minibatches import ResponseMinibatches, group_units
-from policies.ppo_math import KL_ESTIMATORS, KLController, masked_mean, pg_loss, value_loss
+from policies.ppo_math import KL_ESTIMATORS, KLController, masked_mean, pg_loss, update_multipliers, value_loss
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,10 @@ class PPOSettings(Settings):
     """Adaptive KL controller horizon in iterations: the coefficient moves by at most 20% / horizon per iteration (Ziegler et al.'s horizon in responses divided by the responses per iteration)."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature during rollouts (the learner's log-probs use the same one)."""
+    constraints: dict[str, float] = Field(default_factory=dict)
+    """Constrained RLHF (PPO-Lagrangian): reward part -> threshold, maximise the env's reward subject to E[part] >= threshold, e.g. {reward_model.consistency: 0.0}; one Lagrange multiplier per constraint."""
+    multiplier_lr: float = Field(0.5, gt=0)
+    """Learning rate of the Lagrange multipliers: lambda <- max(0, lambda + lr (threshold - E[part])) after every iteration."""
     top_k: int = 0
     """Must stay 0 for training (see top_p); serving takes top-k/top-p per request."""
     top_p: float = 1.0
@@ -148,6 +153,8 @@ class LMPPOLearner(PPOTorchLearner):
         self._minibatch = 0
         for module_id in self.module.keys():  # the entropy is only a metric unless the bonus is on
             self.module[module_id].unwrapped().entropy_grad = _nonzero(self.config.entropy_coeff)
+        self.multipliers = {name: 0.0 for name in p.constraints}
+        self.constraint_connector = LagrangianReward(thresholds=dict(p.constraints), multipliers=self.multipliers)
         shaping = KL_ESTIMATORS[p.kl_estimator] if p.kl_in == "reward" else None
         self.kl_connector = KLToReference(controller=self.kl_controller, shaping=shaping)
         self.gae_connector = TokenGAE(gamma=self.config.gamma, lambda_=self.config.lambda_)
@@ -158,13 +165,14 @@ class LMPPOLearner(PPOTorchLearner):
                 pipe.append(connector)
 
     def _advantage_pipeline(self, p: PPOSettings) -> list[ConnectorV2]:
-        """The connectors after RLlib's: the reference pass (and KL shaping), then the chosen estimator."""
+        """The connectors after RLlib's: constraints, the reference pass (and KL shaping), then the chosen estimator."""
         whiten = WhitenAdvantages(all_reduce_sum=self._all_reduce_sum)
+        first = ([self.constraint_connector] if p.constraints else []) + [self.kl_connector]
         if p.advantage_estimator == "gae":
-            return [self.kl_connector, self.gae_connector] + ([whiten] if p.whiten_advantages else [])
+            return first + [self.gae_connector] + ([whiten] if p.whiten_advantages else [])
         if p.advantage_estimator == "reinforce_pp":
-            return [self.kl_connector, ReinforceReturns(gamma=self.config.gamma), whiten]
-        return [self.kl_connector, OutcomeAdvantages(estimator=p.advantage_estimator, scale=p.grpo_scale_rewards)]
+            return first + [ReinforceReturns(gamma=self.config.gamma), whiten]
+        return first + [OutcomeAdvantages(estimator=p.advantage_estimator, scale=p.grpo_scale_rewards)]
 
     @override(PPOTorchLearner)
     def _create_iterator_if_necessary(self, *, training_data, num_epochs=1, **kwargs):
@@ -283,6 +291,7 @@ class LMPPOLearner(PPOTorchLearner):
     def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
         super().after_gradient_based_update(timesteps=timesteps)
         kl = pooled_kl(self.kl_connector.last, self._all_reduce_sum)
+        constraint_means = self._update_multipliers()
         coef_used = self.kl_controller.coef
         self.kl_controller.update(kl)
         for module_id in self.module.keys():
@@ -294,10 +303,23 @@ class LMPPOLearner(PPOTorchLearner):
                     "kl_target": self.settings.kl_target,
                     "kl_ref_k3": self.kl_connector.last.kl_k3_sum / max(self.kl_connector.last.responses, 1),
                     "vf_explained_var": self.gae_connector.explained_variance,
+                    **{f"multiplier.{n}": lam for n, lam in self.multipliers.items()},
+                    **{f"constraint.{n}": v for n, v in constraint_means.items()},
                 },
                 key=module_id,
                 window=1,
             )
+
+    def _update_multipliers(self) -> dict[str, float]:
+        """Pool each constrained part's mean across Learners, then move every multiplier one projected step."""
+        names = list(self.multipliers)
+        if not names:
+            return {}
+        c = self.constraint_connector
+        *sums, n = self._all_reduce_sum([c.sums.get(name, 0.0) for name in names] + [float(c.responses)])
+        means = {name: s / n if n else float("nan") for name, s in zip(names, sums)}
+        self.multipliers.update(update_multipliers(self.multipliers, means, c.thresholds, self.settings.multiplier_lr))
+        return means
 
     def _all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sum values over all Learners (identity with one), so every Learner sees the same totals."""
@@ -312,6 +334,7 @@ class LMPPOLearner(PPOTorchLearner):
         state = super().get_state(components, not_components=not_components, **kwargs)
         state["kl_controller"] = {"coef": self.kl_controller.coef}
         state["minibatch_updates"] = self._updates
+        state["multipliers"] = dict(self.multipliers)
         return state
 
     @override(PPOTorchLearner)
@@ -320,6 +343,7 @@ class LMPPOLearner(PPOTorchLearner):
         if "kl_controller" in state:
             self.kl_controller.coef = float(state["kl_controller"]["coef"])
         self._updates = int(state.get("minibatch_updates", self._updates))
+        self.multipliers.update(state.get("multipliers", {}))  # in place: the connector holds this dict
 
 
 def pooled_kl(stats: KLStats, all_reduce_sum) -> float:

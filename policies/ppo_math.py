@@ -135,3 +135,24 @@ class KLController:
             error = float(np.clip(kl / self.target - 1.0, -0.2, 0.2))
             self.coef *= 1.0 + error / self.horizon
         return self.coef
+
+
+def lagrangian_reward(
+    objective: float, parts: dict[str, float], multipliers: dict[str, float], thresholds: dict[str, float]
+) -> float:
+    """``(objective + sum_j lambda_j (part_j - b_j)) / (1 + sum_j lambda_j)``: the Lagrangian of max E[objective] s.t. E[part_j] >= b_j.
+
+    Dividing by ``1 + sum lambda`` keeps the reward's scale as the multipliers grow (Safe-RLHF's PPO-Lagrangian).
+    """
+    total = objective + sum(lam * (parts[name] - thresholds[name]) for name, lam in multipliers.items())
+    return total / (1.0 + sum(multipliers.values()))
+
+
+def update_multipliers(
+    multipliers: dict[str, float], means: dict[str, float], thresholds: dict[str, float], lr: float
+) -> dict[str, float]:
+    """One projected step of each multiplier: ``lambda <- max(0, lambda + lr (b - E[part]))`` (rises while violated)."""
+    return {
+        name: max(0.0, lam + lr * (thresholds[name] - means[name])) if np.isfinite(means[name]) else lam
+        for name, lam in multipliers.items()
+    }

@@ -158,3 +158,25 @@ def test_lora_resume_restores_the_adapters_and_the_optimizer(lora_run):
     assert all(
         not torch.equal(torch.as_tensor(moved[k]), torch.as_tensor(v)) for k, v in adapters.items() if "lora_B" in k
     )
+
+
+CONSTRAINED = {**EOS_TASK, "ppo.iterations": 18, "ppo.constraints": "{length: 0.6}", "ppo.multiplier_lr": 2.0,
+               "run.checkpoint_every": 6}  # fmt: skip
+
+
+def test_a_constraint_becomes_active_then_satisfied_and_resume_keeps_its_multiplier(tmp_path):
+    """Objective: end with EOS (short answers); constraint: E[length / budget] >= 0.6 (long answers)."""
+    train(tiny_cfg(tmp_path, **CONSTRAINED))
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    value, lam = [r["constraint.length"] for r in rows], [r["multiplier.length"] for r in rows]
+    violated = [i for i, v in enumerate(value) if v < 0.6]
+    assert violated and all(lam[i] > (lam[i - 1] if i else 0.0) for i in violated if i)  # rises while violated
+    later = [i for i in range(violated[0], len(rows)) if value[i] >= 0.6]
+    assert later, value  # the multiplier brought the constraint back
+    assert all(lam[i] < lam[i - 1] or lam[i] == 0.0 for i in later)  # and falls while satisfied
+    state = pickle.loads((latest_checkpoint(tmp_path / "run") / "learner_group" / "learner" / "state.pkl").read_bytes())
+    assert state["multipliers"]["length"] == pytest.approx(lam[-1])
+    train(tiny_cfg(tmp_path, **{**CONSTRAINED, "ppo.iterations": 19}), resume=True)
+    r = read_metrics(tmp_path / "run" / "metrics.csv")[-1]
+    want = max(0.0, lam[-1] + 2.0 * (0.6 - r["constraint.length"]))  # one step on from the saved multiplier
+    assert r["multiplier.length"] == pytest.approx(want, abs=1e-6)

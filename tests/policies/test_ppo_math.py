@@ -112,3 +112,20 @@ def test_explained_variance():
     assert explained_variance(t([1.0, 2.0, 3.0, 4.0, 0.0]), targets, mask) == pytest.approx(1.0)
     assert explained_variance(t([7.0] * 5), targets, mask) == pytest.approx(0.0)
     assert explained_variance(t([2.0, 1.0, 4.0, 3.0, 0.0]), targets, mask) == pytest.approx(1 - 1.0 / 1.25)
+
+
+def test_lagrangian_reward_and_multiplier_steps_by_hand():
+    from policies.ppo_math import lagrangian_reward, update_multipliers
+
+    # objective 1.0, safety part 0.2 under threshold 0.5 with lambda 1: (1 + 1 * (0.2 - 0.5)) / (1 + 1) = 0.35
+    assert lagrangian_reward(1.0, {"safety": 0.2}, {"safety": 1.0}, {"safety": 0.5}) == pytest.approx(0.35)
+    assert lagrangian_reward(1.0, {"safety": 0.2}, {"safety": 0.0}, {"safety": 0.5}) == pytest.approx(1.0)  # inactive
+    # violated (mean 0.2 < 0.5): lambda rises by lr * 0.3; satisfied (0.9): it falls, and never below 0
+    assert update_multipliers({"safety": 1.0}, {"safety": 0.2}, {"safety": 0.5}, lr=2.0) == {
+        "safety": pytest.approx(1.6)
+    }
+    assert update_multipliers({"safety": 1.0}, {"safety": 0.9}, {"safety": 0.5}, lr=2.0) == {
+        "safety": pytest.approx(0.2)
+    }
+    assert update_multipliers({"safety": 0.1}, {"safety": 0.9}, {"safety": 0.5}, lr=2.0) == {"safety": 0.0}
+    assert update_multipliers({"safety": 0.7}, {"safety": float("nan")}, {"safety": 0.5}, lr=2.0) == {"safety": 0.7}
