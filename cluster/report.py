@@ -46,6 +46,7 @@ def plot_curves(cols: dict[str, list[float]], out: Path) -> list[Path]:
         files.append(out / f"{key}.png")
         fig.savefig(files[-1])
         plt.close(fig)
+    files += plot_groups(cols, x, out)
     if "kl_ref" in cols and "gold_score" in cols:
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
         sc = ax.scatter(cols["kl_ref"], cols["gold_score"], c=x, cmap="viridis", s=18)
@@ -54,6 +55,35 @@ def plot_curves(cols: dict[str, list[float]], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         files.append(out / "gold_vs_kl.png")
+        fig.savefig(files[-1])
+        plt.close(fig)
+    return files
+
+
+GROUPS = {
+    "gold.": "gold score per criterion",
+    "reward_model.": "reward-model score per criterion (normalised)",
+    "multiplier.": "Lagrange multiplier per constraint",
+    "constraint.": "constrained part per iteration (mean)",
+}
+"""metrics.csv column prefix -> title of one plot holding every column of that family."""
+
+
+def plot_groups(cols: dict[str, list[float]], x: list[float], out: Path) -> list[Path]:
+    """One PNG per family of per-criterion columns (gold and reward-model scores, multipliers, constraints)."""
+    files = []
+    for prefix, title in GROUPS.items():
+        keys = sorted(k for k in cols if k.startswith(prefix))
+        if not keys:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        for key in keys:
+            ax.plot(x, cols[key], marker="o", ms=3, label=key.removeprefix(prefix))
+        ax.set(title=title, xlabel="iteration")
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        files.append(out / f"{prefix.rstrip('.')}_per_criterion.png")
         fig.savefig(files[-1])
         plt.close(fig)
     return files
