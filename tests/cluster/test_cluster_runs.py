@@ -150,6 +150,7 @@ def test_env_runner_killed_mid_training_the_run_completes(cluster, client, tmp_p
             "rollout.num_envs_per_env_runner=4",
             f"rollout.custom_resources_per_env_runner={{{ROLLOUT}: 1}}",
             "rollout.restart_failed_env_runners=true",
+            f"run.keep_checkpoints={total}",  # every checkpoint's data positions are read below
         ],
     )
     # After 2 iterations a stream that restarted at 0 would end the next iteration behind where it was.
@@ -180,6 +181,7 @@ def test_killed_job_resumes_with_kl_optimizer_and_data_position(cluster, client,
     overrides = [
         f"ppo.iterations={total}",
         "run.checkpoint_every=1",
+        f"run.keep_checkpoints={total}",  # the first checkpoint's Adam step count is read below
         "ppo.episodes_per_iteration=16",
         "rollout.num_env_runners=1",
         "rollout.num_cpus_per_env_runner=1",
