@@ -21,9 +21,19 @@ def chat_text(tokenizer, messages: list[dict[str, str]], chat_template: bool = T
 def prompt_ids(
     tokenizer, prompt: str, instruction: str = "", chat_template: bool = True, max_prompt_tokens: int | None = None
 ) -> list[int]:
-    """Token ids of a prompt as one user turn (instruction + prompt), left-truncated to `max_prompt_tokens`."""
-    content = f"{instruction}\n\n{prompt}" if instruction else prompt
-    return chat_ids(tokenizer, [{"role": "user", "content": content}], chat_template)[-(max_prompt_tokens or 0) :]
+    """Token ids of a prompt as one user turn (instruction + prompt) in at most `max_prompt_tokens` tokens.
+
+    A prompt too long loses its first words, never the chat template or the instruction, so the
+    model always sees a well-formed turn ending in the most recent words of the prompt.
+    """
+    words = prompt.split(" ")
+    for start in range(len(words)):
+        text = " ".join(words[start:])
+        content = f"{instruction}\n\n{text}" if instruction else text
+        ids = chat_ids(tokenizer, [{"role": "user", "content": content}], chat_template)
+        if max_prompt_tokens is None or len(ids) <= max_prompt_tokens:
+            return ids
+    return ids[-max_prompt_tokens:]  # the template and instruction alone are over the budget
 
 
 def chat_ids(tokenizer, messages: list[dict[str, str]], chat_template: bool = True) -> list[int]:
