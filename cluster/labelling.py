@@ -19,12 +19,11 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import time
 from pathlib import Path
 
-from cluster.config import Config, ConfigError
-from cluster.serving import api_key
+from cluster.config import Config
+from cluster.serving import api_key, check_port
 from envs.data import load_prompts, resolve_path
 from policies.export import resolve_policy
 from serve.labelling.application import delete_label_app, deploy_label_app
@@ -134,22 +133,6 @@ def start_label_app(
         cfg.run.torch_threads,
     )
     return base_url(cfg)
-
-
-def check_port(host: str, port: int) -> None:
-    """Fail early, naming the field, if something listens on the port.
-
-    SO_REUSEADDR as the HTTP proxy itself binds: a server restarted after a crash must not be
-    refused because of its old connections in TIME_WAIT.
-    """
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as err:
-            raise ConfigError(
-                f"serve.port: cannot listen on {host}:{port} ({err.strerror}); pick another with serve.port=PORT"
-            ) from err
 
 
 def admin_key_for(cfg: Config) -> str:

@@ -56,9 +56,14 @@ def build_app(args: dict[str, Any]):
     return application(args.get("model") or cfg.model.policy, cfg, args.get("reward_model"))
 
 
-def _check_port(host: str, port: int) -> None:
-    """Fail early, naming the field, if the HTTP port is taken."""
+def check_port(host: str, port: int) -> None:
+    """Fail early, naming the field, if something listens on the port.
+
+    SO_REUSEADDR as the HTTP proxy itself binds: a server restarted after a crash must not be
+    refused because of its old connections in TIME_WAIT.
+    """
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as err:
@@ -90,7 +95,7 @@ def run_serve(model: str, cfg: Config, reward_model: str | None = None) -> None:
         RewardModel.check_dir(reward_model)
     own_cluster = not os.environ.get("RAY_ADDRESS")
     if own_cluster:
-        _check_port(cfg.serve.host, cfg.serve.port)
+        check_port(cfg.serve.host, cfg.serve.port)
     # address="local": start our own Ray rather than join (and later shut down) whatever local
     # cluster happens to be running; RAY_ADDRESS opts into joining one.
     ray.init(address="local" if own_cluster else None)
