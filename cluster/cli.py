@@ -36,15 +36,11 @@ def cmd_config(args: argparse.Namespace) -> None:
 def cmd_train_rm(args: argparse.Namespace) -> None:
     """Train the reward model on the configured preference data."""
     from cluster.train import train_rm
+    from envs.reward_training import metrics_lines
 
     metrics = train_rm(_load(args))
-    print(f"reward model written to {metrics['path']}")
-    line = f"held-out label accuracy {metrics['eval_accuracy']:.3f}"
-    if "eval_spearman" in metrics:
-        line += (
-            f", gold-order agreement {metrics['eval_gold_agreement']:.3f}, gold Spearman {metrics['eval_spearman']:.3f}"
-        )
-    print(line + f" ({metrics['seconds']:.0f}s)")
+    print(f"reward model written to {metrics['path']} ({metrics['seconds']:.0f}s)")
+    print("\n".join(metrics_lines(metrics)))
 
 
 def cmd_train(args: argparse.Namespace) -> None:

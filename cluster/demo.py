@@ -16,6 +16,7 @@ from cluster.evaluate import evaluate
 from cluster.report import write_report
 from cluster.train import train, train_rm
 from envs.data import resolve_path
+from envs.reward_training import metrics_lines
 
 STAGES = ("reward model", "PPO", "evaluation", "report")
 
@@ -54,10 +55,7 @@ def run_demo(cfg: Config, fresh: bool = False) -> dict:
     else:
         m = train_rm(cfg)
         (Path(cfg.reward_model.path) / "alignray_demo.json").write_text(json.dumps(_rm_key(cfg)))
-        print(
-            f"reward model: held-out gold-order agreement {m.get('eval_gold_agreement', float('nan')):.3f}, "
-            f"Spearman {m.get('eval_spearman', float('nan')):.3f}"
-        )
+        print("\n".join(f"reward model, {line}" for line in metrics_lines(m)))
 
     _stage(2, STAGES[1], start)
     train(cfg, resume=False)
