@@ -32,6 +32,7 @@ from envs.data import resolve_path
 from envs.models import export_pretrained
 from envs.reward_actor import start_reward_actor, stop_reward_actor
 from envs.reward_training import train_reward_model
+from envs.rewards import uses_reward_model
 from policies.algo import build_ppo_config
 from policies.callbacks import DataPositions, data_positions, set_data_positions
 from policies.export import policy_from_state
@@ -107,7 +108,7 @@ def _start_reward_actor(cfg: Config):
     The driver owns it (not an EnvRunner), so it outlives EnvRunners that crash and are restarted.
     """
     r = cfg.rollout
-    if r.reward_model_placement != "actor" or "reward_model" not in cfg.env.reward:
+    if r.reward_model_placement != "actor" or not uses_reward_model([*cfg.env.reward, *cfg.ppo.constraints]):
         return None
     return start_reward_actor(
         cfg.reward_model.resolved(),

@@ -2,7 +2,8 @@
 
 :class:`RewardModelServer` is plain asyncio (no Ray needed): ``score`` calls that arrive within
 ``wait_s`` of each other are scored in one batched forward pass per kind of call (with or
-without prompts, normalised or not), off the event loop. It is the only place reward-model
+without prompts, normalised or not, which head, or every head for ``score_all``), off the event
+loop. It is the only place reward-model
 calls are batched:
 
 - training with ``rollout.reward_model_placement='actor'``: the driver starts it as a named Ray
@@ -21,6 +22,8 @@ from envs.reward_model import RewardModelSettings
 from envs.rewards import load_reward_model
 
 ACTOR_NAME = "alignray-reward-model"
+ALL_HEADS = "*"
+"""The criterion key of a ``score_all`` call in a batch kind (never a criterion name)."""
 
 
 class RewardModelServer:
@@ -40,27 +43,57 @@ class RewardModelServer:
         self.counts = {"texts": 0, "calls": 0, "batches": 0}
 
     async def score(
-        self, responses: list[str], prompts: list[str] | None = None, normalize: bool = False
+        self,
+        responses: list[str],
+        prompts: list[str] | None = None,
+        normalize: bool = False,
+        criterion: str | None = None,
     ) -> list[float]:
-        """``RewardModel.score`` of this request, computed together with whatever else arrived meanwhile."""
+        """``RewardModel.score`` of this request by one head (None = the first), batched with whatever else arrived."""
+        criterion = self.rm.head_name(criterion)  # an unknown head fails its caller now, not its batch
+        return await self._submit((prompts is None, normalize, criterion), responses, prompts)
+
+    async def score_all(
+        self, responses: list[str], prompts: list[str] | None = None, normalize: bool = False
+    ) -> dict[str, list[float]]:
+        """``RewardModel.score_all`` of this request (every head), batched with whatever else arrived."""
+        return await self._submit((prompts is None, normalize, ALL_HEADS), responses, prompts)
+
+    async def criteria(self) -> list[str]:
+        """The reward model's heads, the default first."""
+        return list(self.rm.criteria)
+
+    async def prompt_criteria(self) -> list[str]:
+        """The heads that judge a response against its prompt (they cannot score without prompts)."""
+        return [c for c in self.rm.criteria if c in self.rm.prompt_heads]
+
+    async def _submit(self, kind: tuple, responses: list[str], prompts: list[str] | None):
+        """Queue one request of a kind and wait for its share of the batch's result."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        self.pending.append(((prompts is None, normalize), list(responses), prompts, done))
+        self.pending.append((kind, list(responses), prompts, done))
         if len(self.pending) == 1:  # the first request of a batch opens the gathering window
             loop.call_later(self.wait_s, lambda: asyncio.ensure_future(self._flush()))
         return await done
 
+    def _run(self, kind: tuple, responses: list[str], prompts: list[str] | None):
+        """One forward batch of a kind: a list of scores, or a dict of them for every head."""
+        _, normalize, criterion = kind
+        if criterion == ALL_HEADS:
+            return self.rm.score_all(responses, prompts, self.batch_size, normalize)
+        return self.rm.score(responses, prompts, self.batch_size, normalize, criterion)
+
     async def _flush(self) -> None:
-        """Score every pending request, one forward batch per (prompts given, normalize)."""
+        """Score every pending request, one forward batch per (prompts given, normalize, criterion)."""
         pending, self.pending = self.pending, []
         groups: dict[tuple, list] = {}
         for req in pending:
             groups.setdefault(req[0], []).append(req)
-        for (no_prompts, normalize), reqs in groups.items():
+        for kind, reqs in groups.items():
             responses = [r for req in reqs for r in req[1]]
-            prompts = None if no_prompts else [p for req in reqs for p in req[2]]
+            prompts = None if kind[0] else [p for req in reqs for p in req[2]]
             try:
-                scores = await asyncio.to_thread(self.rm.score, responses, prompts, self.batch_size, normalize)
+                scores = await asyncio.to_thread(self._run, kind, responses, prompts)
             except Exception as err:  # noqa: BLE001 - handed back to every caller of the batch
                 for req in reqs:
                     if not req[3].done():
@@ -69,7 +102,7 @@ class RewardModelServer:
             start = 0
             for req in reqs:
                 if not req[3].done():  # a caller that gave up (cancelled) gets nothing
-                    req[3].set_result(scores[start : start + len(req[1])])
+                    req[3].set_result(_slice(scores, start, start + len(req[1])))
                 start += len(req[1])
             self.counts["texts"] += len(responses)
             self.counts["calls"] += len(reqs)
@@ -80,10 +113,17 @@ class RewardModelServer:
         return dict(self.counts)
 
     async def check_health(self) -> None:
-        """Raise if the reward model returns a non-finite score (Serve's replica health check)."""
-        score = (await asyncio.to_thread(self.rm.score, ["health check"]))[0]
-        if score != score or abs(score) == float("inf"):
+        """Raise if any head returns a non-finite score (Serve's replica health check)."""
+        scores = await asyncio.to_thread(self.rm.score_all, ["health check"], ["health check"])
+        if any(s[0] != s[0] or abs(s[0]) == float("inf") for s in scores.values()):
             raise RuntimeError("reward model health check failed: non-finite score")
+
+
+def _slice(scores: list[float] | dict[str, list[float]], start: int, end: int):
+    """One request's share of a batch's scores (of every head for a ``score_all`` batch)."""
+    if isinstance(scores, dict):
+        return {c: s[start:end] for c, s in scores.items()}
+    return scores[start:end]
 
 
 def start_reward_actor(
@@ -127,7 +167,7 @@ def stop_reward_actor(actor: Any) -> dict[str, int]:
 
 
 class RemoteRewardModel:
-    """Drop-in for ``RewardModel.score`` that calls the shared actor (which must already exist)."""
+    """Drop-in for ``RewardModel.score``/``score_all`` that calls the shared actor (which must already exist)."""
 
     def __init__(self, name: str = ACTOR_NAME):
         import ray
@@ -142,11 +182,25 @@ class RemoteRewardModel:
             self.actor = ray.get_actor(name)
         except ValueError as err:
             raise RuntimeError(missing) from err
+        self.criteria: list[str] = ray.get(self.actor.criteria.remote())
 
     def score(
-        self, responses: list[str], prompts: list[str] | None = None, batch_size: int = 0, normalize: bool = False
+        self,
+        responses: list[str],
+        prompts: list[str] | None = None,
+        batch_size: int = 0,
+        normalize: bool = False,
+        criterion: str | None = None,
     ) -> list[float]:
-        """Scores from the shared actor (it batches with its own ``score_batch_size``)."""
+        """One head's scores from the shared actor (it batches with its own ``score_batch_size``)."""
         import ray
 
-        return ray.get(self.actor.score.remote(responses, prompts, normalize))
+        return ray.get(self.actor.score.remote(responses, prompts, normalize, criterion))
+
+    def score_all(
+        self, responses: list[str], prompts: list[str] | None = None, batch_size: int = 0, normalize: bool = False
+    ) -> dict[str, list[float]]:
+        """Every head's scores from the shared actor in one call."""
+        import ray
+
+        return ray.get(self.actor.score_all.remote(responses, prompts, normalize))

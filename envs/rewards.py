@@ -3,14 +3,19 @@
 Every part scores a batch of finished responses at once (the vector env scores all episodes
 that ended in one env step with one call). Parts:
 
-- ``reward_model``: the learned reward model's score (standardised with the mean/std saved at
-  RM training time when ``normalize``). An empty response (EOS first, or only whitespace) is not
-  shown to the reward model, which never saw one in training: it scores ``empty_score``.
-- ``gold``: the gold annotator (VADER compound in [-1, 1]); always reported in ``info``.
+- ``reward_model``: the learned reward model's first head (standardised with the mean/std saved
+  at RM training time when ``normalize``); ``reward_model.<criterion>``: each of its heads, all of
+  them from one batched ``score_all`` call. An empty response (EOS first, or only whitespace) is
+  not shown to the reward model, which never saw one in training: every head scores
+  ``empty_score``.
+- ``gold``: the gold annotator's positivity (VADER compound in [-1, 1]); ``gold.<criterion>``:
+  each gold criterion of :data:`envs.gold.GOLD` (``gold.positivity`` is ``gold``).
 - ``length``: response tokens / max_new_tokens, in [0, 1].
 - ``eos``: 1 if the response ended with EOS, else 0.
 
-The total is ``sum(weight * part) + no_eos_penalty * (not reached_eos)``.
+Every gold criterion, and every reward-model head when there is a reward model, is reported in
+each response's parts whether weighted or not; the total is
+``sum(weight * part) + no_eos_penalty * (not reached_eos)``.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from envs.data import resolve_path
-from envs.gold import gold_scores
+from envs.data import NAME_PATTERN, resolve_path
+from envs.gold import GOLD, gold_criteria, gold_scores
 from envs.models import ModelLoadError
 from envs.reward_model import META_FILE, RewardModel, RewardModelSettings
 
@@ -71,6 +76,29 @@ def load_reward_model(s: RewardModelSettings) -> RewardModel:
     raise ModelLoadError(f"reward model {s.path!r}: not found; run `alignray train-rm` first")
 
 
+RM_PART = "reward_model"
+GOLD_PART = "gold"
+
+
+def uses_reward_model(weights: dict[str, float] | list[str]) -> bool:
+    """True if any weighted part is the reward model's ('reward_model' or 'reward_model.<criterion>')."""
+    return any(n == RM_PART or n.startswith(RM_PART + ".") for n in weights)
+
+
+def check_part_names(names: list[str], heads: list[str] | None = None, extra: list[str] = ()) -> None:
+    """Raise ValueError naming any unknown reward part; 'reward_model.<c>' must name one of `heads` when given."""
+    gold = [f"{GOLD_PART}.{c}" for c in GOLD]
+    known = [*REWARDS, *gold, *extra] + [f"{RM_PART}.{c}" for c in heads or []]
+    for name in names:
+        head = name.removeprefix(RM_PART + ".") if name.startswith(RM_PART + ".") else None
+        if name in known or (heads is None and head is not None and NAME_PATTERN.fullmatch(head)):
+            continue
+        hint = f"; the reward model's heads: {heads}" if head is not None and heads is not None else ""
+        raise ValueError(
+            f"env.reward: unknown reward part {name!r} (known: {sorted(set(known))}, 'reward_model.<criterion>'){hint}"
+        )
+
+
 @dataclass
 class RewardFunction:
     """Scores batches of finished responses: ``__call__(batch) -> (totals, parts)``."""
@@ -84,37 +112,46 @@ class RewardFunction:
     parts: dict[str, Callable[[Finished], list[float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = set(self.weights) - set(REWARDS) - set(self.parts)
-        if unknown:
-            raise ValueError(f"env.reward: unknown reward part(s) {sorted(unknown)} (known: {sorted(REWARDS)})")
-        if "reward_model" in self.weights and self.reward_model is None:
+        heads = list(getattr(self.reward_model, "criteria", [])) if self.reward_model is not None else None
+        check_part_names(list(self.weights), heads, list(self.parts))
+        if uses_reward_model(self.weights) and self.reward_model is None:
             raise ValueError("env.reward uses 'reward_model' but no reward model was given")
 
-    def rm_reward(self, batch: Finished) -> list[float]:
-        """The reward model's (optionally standardised) score of each response; ``empty_score`` for an empty one."""
+    def rm_parts(self, batch: Finished) -> dict[str, list[float]]:
+        """Every head's (optionally standardised) score from one batched call: 'reward_model' (first head) and 'reward_model.<c>'."""
         assert self.reward_model is not None
         kept = [i for i, r in enumerate(batch.responses) if r.strip()]
-        scores = [self.empty_score] * len(batch.responses)
-        if kept:
-            got = self.reward_model.score(
-                [batch.responses[i] for i in kept],
-                [batch.prompts[i] for i in kept],
-                batch_size=self.batch_size,
-                normalize=self.normalize,
-            )
-            for i, s in zip(kept, got):
-                scores[i] = s
-        return scores
+        got = self.reward_model.score_all(
+            [batch.responses[i] for i in kept],
+            [batch.prompts[i] for i in kept],
+            batch_size=self.batch_size,
+            normalize=self.normalize,
+        )
+        out = {}
+        for c, scores in got.items():
+            full = [self.empty_score] * len(batch.responses)
+            for i, s in zip(kept, scores):
+                full[i] = s
+            out[f"{RM_PART}.{c}"] = full
+        return {RM_PART: out[f"{RM_PART}.{next(iter(got))}"], **out}
+
+    def rm_reward(self, batch: Finished) -> list[float]:
+        """The first head's (optionally standardised) score of each response; ``empty_score`` for an empty one."""
+        return self.rm_parts(batch)[RM_PART]
 
     def __call__(self, batch: Finished) -> tuple[list[float], list[dict[str, float]]]:
-        """(total reward of each response, {part: value} of each response); 'gold' is always reported."""
+        """(total reward of each response, {part: value} of each response); gold criteria and RM heads always reported."""
         if not batch.responses:
             return [], []
-        fns = {**REWARDS, **self.parts, "reward_model": self.rm_reward}
-        names = list(dict.fromkeys([*self.weights, "gold"] + (["reward_model"] if self.reward_model else [])))
-        parts = {name: fns[name](batch) for name in names}
+        golds = gold_criteria(batch.prompts, batch.responses)
+        parts = {GOLD_PART: golds[next(iter(GOLD))], **{f"{GOLD_PART}.{c}": v for c, v in golds.items()}}
+        if self.reward_model is not None:
+            parts.update(self.rm_parts(batch))
+        for name in self.weights:  # the rule parts, and custom ones (which win over a built-in name)
+            if name in self.parts or name not in parts:
+                parts[name] = {**REWARDS, **self.parts}[name](batch)
         totals = compose(parts, self.weights, batch.reached_eos, self.no_eos_penalty)
-        per_item = [{name: float(parts[name][i]) for name in names} for i in range(len(totals))]
+        per_item = [{name: float(v[i]) for name, v in parts.items()} for i in range(len(totals))]
         return totals, per_item
 
 

@@ -75,7 +75,7 @@ from envs.prompt_stream import PromptStream
 from envs.prompting import prompt_ids
 from envs.reward_actor import RemoteRewardModel
 from envs.reward_model import RewardModelSettings
-from envs.rewards import Finished, RewardFunction, load_reward_model
+from envs.rewards import Finished, RewardFunction, load_reward_model, uses_reward_model
 from envs.settings import Settings
 
 
@@ -91,7 +91,7 @@ class EnvSettings(Settings):
     instruction: str = "Continue this movie review in one or two sentences:"
     """Text placed before each prompt inside the user turn (empty = the prompt alone)."""
     reward: dict[str, float] = Field(default_factory=lambda: {"reward_model": 1.0})
-    """Weighted reward parts: names from envs.rewards.REWARDS ('reward_model', 'gold', 'length', 'eos'), weight each."""
+    """Weighted reward parts: 'reward_model', 'gold', 'length', 'eos' (envs.rewards.REWARDS), or one criterion's 'reward_model.<criterion>' / 'gold.<criterion>', weight each."""
     no_eos_penalty: float = 0.0
     """Added to the reward (use a negative number) when a response is truncated before EOS."""
     reward_normalization: bool = True
@@ -158,9 +158,9 @@ def build_resources(
         prompts = load_prompts(resolve_path(data.prompts), split=split)[: data.max_prompts or None]
     tok, vocab = load_tokenizer(model.policy, model.tiny_vocab_size)
     rm = None
-    if "reward_model" in s.reward and shared_reward_actor:
+    if uses_reward_model(s.reward) and shared_reward_actor:
         rm = RemoteRewardModel()  # started by the driver with the model at reward_model.path
-    elif "reward_model" in s.reward:
+    elif uses_reward_model(s.reward):
         rm = load_reward_model(reward_model or RewardModelSettings())
     batch = (reward_model or RewardModelSettings()).score_batch_size
     fn = RewardFunction(

@@ -48,3 +48,37 @@ def test_env_without_the_actor_fails_clearly():
             prompts=["a prompt"],
             shared_reward_actor=True,
         )
+
+
+TWO = TINY.model_copy(update={"criteria": ["positivity", "consistency"]})
+
+
+def test_criteria_are_batched_by_head_and_score_all_in_one_pass():
+    server = RewardModelServer(TWO, wait_s=0.01)
+    rm, prompts = server.rm, ["I hated this movie", "the film"]
+
+    async def mixed():
+        return await asyncio.gather(
+            server.score(["great"], prompts[:1], criterion="consistency"),
+            server.score(["awful"], prompts[1:], criterion="consistency"),
+            server.score(["great"], prompts[:1]),  # None: the first head
+            server.score(["fine"], prompts[1:], criterion="positivity"),  # the same head named: same batch
+            server.score_all(["great", "awful"], prompts),
+        )
+
+    con_a, con_b, pos_a, pos_b, every = asyncio.run(mixed())
+    assert con_a + con_b == pytest.approx(rm.score(["great", "awful"], prompts, criterion="consistency"), abs=1e-5)
+    assert pos_a + pos_b == pytest.approx(rm.score(["great", "fine"]), abs=1e-5)
+    want = rm.score_all(["great", "awful"], prompts)
+    assert set(every) == {"positivity", "consistency"}
+    for c in every:
+        assert every[c] == pytest.approx(want[c], abs=1e-5)
+    assert asyncio.run(server.stats())["batches"] == 3  # consistency, positivity, every head
+    assert asyncio.run(server.criteria()) == ["positivity", "consistency"]
+
+
+def test_unknown_criterion_fails_only_its_caller():
+    server = RewardModelServer(TWO, wait_s=0.01)
+    with pytest.raises(ValueError, match="no head 'safety'"):
+        asyncio.run(server.score(["great"], criterion="safety"))
+    asyncio.run(server.check_health())  # every head is finite

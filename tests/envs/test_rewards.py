@@ -1,10 +1,18 @@
-"""Reward parts, their weighted composition, the no-EOS penalty and reward-model normalisation."""
+"""Reward parts, their weighted composition, the no-EOS penalty, reward-model normalisation, per-criterion parts."""
 
 import pytest
 
 from envs.gold import gold_scores
 from envs.reward_model import RewardModel, RewardModelSettings
-from envs.rewards import Finished, RewardFunction, compose, eos_reward, length_reward
+from envs.rewards import (
+    Finished,
+    RewardFunction,
+    check_part_names,
+    compose,
+    eos_reward,
+    length_reward,
+    uses_reward_model,
+)
 
 
 def batch():
@@ -27,7 +35,9 @@ def test_weighted_sum_and_info_parts():
     totals, parts = fn(batch())
     g = gold_scores(["great fun", "awful"])
     assert totals == pytest.approx([2 * g[0] + 0.5 - 1.0, 2 * g[1] + 1.0 - 0.0 - 0.5])
-    assert parts[0] == pytest.approx({"gold": g[0], "length": 0.5, "eos": 1.0})
+    assert {k: parts[0][k] for k in ("gold", "length", "eos")} == pytest.approx(
+        {"gold": g[0], "length": 0.5, "eos": 1.0}
+    )
 
 
 def test_reward_model_part_is_normalised_with_saved_stats():
@@ -46,3 +56,52 @@ def test_unknown_part_and_missing_model_fail():
         RewardFunction({"nope": 1.0})
     with pytest.raises(ValueError, match="no reward model"):
         RewardFunction({"reward_model": 1.0})
+
+
+TWO = RewardModelSettings(backbone="tiny", criteria=["positivity", "consistency"])
+
+
+def test_every_head_and_gold_criterion_is_reported_and_weighted_ones_enter_the_total():
+    import torch
+
+    torch.manual_seed(0)
+    rm = RewardModel.untrained(TWO)
+    calls = []
+    orig = rm.score_all
+    rm.score_all = lambda *a, **k: calls.append(a) or orig(*a, **k)
+    b = Finished(["great", "awful", " "], ["I hated this movie"] * 3, [1, 1, 1], [True, True, True], max_new_tokens=4)
+    fn = RewardFunction(
+        {"reward_model.consistency": 2.0, "gold.consistency": 1.0}, rm, normalize=False, empty_score=-5.0
+    )
+    totals, parts = fn(b)
+    assert len(calls) == 1  # every head from one batched call
+    assert set(parts[0]) == {
+        "reward_model",
+        "reward_model.positivity",
+        "reward_model.consistency",
+        "gold",
+        "gold.positivity",
+        "gold.consistency",
+    }
+    con = orig(["great", "awful"], ["I hated this movie"] * 2, criteria=["consistency"])["consistency"]
+    assert [p["reward_model.consistency"] for p in parts[:2]] == pytest.approx(con, abs=1e-5)
+    assert all(p["reward_model"] == p["reward_model.positivity"] for p in parts)
+    assert all(p["gold"] == p["gold.positivity"] for p in parts)
+    # gold.consistency after "I hated this movie" (VADER -0.6369): great 0.3691, awful 0.91095 (see test_gold)
+    assert [p["gold.consistency"] for p in parts[:2]] == pytest.approx([0.3691, 0.91095])
+    assert parts[2]["reward_model.positivity"] == parts[2]["reward_model.consistency"] == -5.0  # empty response
+    assert totals[:2] == pytest.approx([2 * con[0] + 0.3691, 2 * con[1] + 0.91095], abs=1e-5)
+
+
+def test_part_names_validate_against_heads_and_gold_criteria():
+    rm = RewardModel.untrained(TWO)
+    with pytest.raises(ValueError, match=r"unknown reward part 'reward_model.safety'.*heads: \['positivity'"):
+        RewardFunction({"reward_model.safety": 1.0}, rm)
+    with pytest.raises(ValueError, match="unknown reward part 'gold.safety'"):
+        RewardFunction({"gold.safety": 1.0})
+    with pytest.raises(ValueError, match="no reward model"):
+        RewardFunction({"reward_model.consistency": 1.0})
+    check_part_names(["reward_model.anything", "gold.consistency", "length"])  # heads unknown yet: shape only
+    assert uses_reward_model({"reward_model.consistency": 1.0}) and not uses_reward_model({"gold": 1.0})
+    totals, parts = RewardFunction({"gold.consistency": 1.0})(batch())
+    assert "reward_model" not in parts[0] and totals == [p["gold.consistency"] for p in parts]

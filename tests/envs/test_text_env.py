@@ -195,7 +195,8 @@ def test_make_with_no_arguments_gives_a_working_env_on_the_shipped_prompts():
     assert env.action_space.n == 49152  # the embedded SmolLM2's vocabulary
     for _ in range(env.unwrapped.res.settings.max_new_tokens):
         obs, reward, term, trunc, info = env.step(env.unwrapped.res.tokenizer.encode(" great")[0])
-    assert trunc and info["reward_parts"] == {"gold": pytest.approx(reward)} and reward > 0.5
+    assert trunc and info["reward_parts"]["gold"] == pytest.approx(reward) and reward > 0.5
+    assert set(info["reward_parts"]) == {"gold", "gold.positivity", "gold.consistency"}  # every gold criterion
 
 
 def test_the_docstring_example_runs():
@@ -205,3 +206,16 @@ def test_the_docstring_example_runs():
 
     result = doctest.testmod(envs.text_env)
     assert result.attempted >= 5 and result.failed == 0
+
+
+def test_a_part_of_one_reward_model_head_loads_the_reward_model(prompts, tmp_path):
+    from envs.reward_model import RewardModelSettings
+
+    # A constraint on one head with no weight (as ppo.constraints adds it) still needs the reward model.
+    rm = RewardModelSettings(backbone="tiny", path=str(tmp_path / "none"), criteria=["positivity", "consistency"])
+    env = TextGenerationEnv(**kwargs(prompts, reward={"gold": 1.0, "reward_model.consistency": 0.0}), reward_model=rm)
+    env.reset(seed=0)
+    for _ in range(4):
+        obs, reward, term, trunc, info = env.step(5)
+    assert trunc and reward == pytest.approx(info["reward_parts"]["gold"])  # the head carries no weight
+    assert {"reward_model.positivity", "reward_model.consistency"} <= set(info["reward_parts"])
