@@ -5,6 +5,11 @@ seed). Each response gets the reward-model score, the gold (VADER) score, its le
 and whether it ended with EOS; policy responses also get their KL to the reference, the sampled
 estimate sum_t [log pi(y_t) - log pi_ref(y_t)] in nats (0 for the reference's own responses by
 definition). Outputs: ``samples.parquet`` (every sample) and ``summary.json``.
+
+Per criterion: ``rm_score.<c>`` for every reward-model head and ``gold_score.<c>`` for every gold
+criterion (``envs.gold.GOLD``), in the samples and (means, and ``gold_score_sem.<c>``,
+``gold_gain.<c>``) in the summary; ``rm_score`` and ``gold_score`` stay the first head and
+positivity.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from tqdm import tqdm
 
 from cluster.config import Config
 from envs.data import load_prompts, resolve_path
-from envs.gold import gold_scores
+from envs.gold import GOLD, gold_criteria
 from envs.models import load_causal_lm
 from envs.prompting import prompt_ids
 from envs.rewards import load_reward_model
@@ -34,31 +39,37 @@ def _score_side(name, model, tok, rm, cfg: Config, prompts, prompt_tok, seed) ->
     """Sample and score one model's responses to every prompt."""
     responses = sample(model, tok, prompt_tok, cfg.env.max_new_tokens, cfg.ppo.temperature, seed)
     texts = [tok.decode(r, skip_special_tokens=True).strip() for r in responses]
-    rm_scores = rm.score(texts, prompts, cfg.reward_model.score_batch_size, normalize=cfg.env.reward_normalization)
-    golds = gold_scores(texts)
+    heads = rm.score_all(texts, prompts, cfg.reward_model.score_batch_size, normalize=cfg.env.reward_normalization)
+    golds = gold_criteria(prompts, texts)
+    first = rm.criteria[0]
     return [
         {
             "model": name,
             "prompt": pr,
             "response": t,
-            "rm_score": s,
-            "gold_score": g,
+            "rm_score": heads[first][i],
+            "gold_score": golds[next(iter(GOLD))][i],
+            **{f"rm_score.{c}": v[i] for c, v in heads.items()},
+            **{f"gold_score.{c}": v[i] for c, v in golds.items()},
             "kl": 0.0,
             "length": len(r),
             "eos": bool(r and r[-1] == tok.eos_token_id),
             "_ids": r,
         }
-        for pr, t, s, g, r in zip(prompts, texts, rm_scores, golds, responses)
+        for i, (pr, t, r) in enumerate(zip(prompts, texts, responses))
     ]
 
 
 def summarize(rows: list[dict]) -> dict[str, float]:
     """Mean of each metric over one model's rows, plus distinct-n over its responses."""
     texts = [r["response"] for r in rows]
-    out = {k: float(np.mean([r[k] for r in rows])) for k in ("rm_score", "gold_score", "kl", "length", "eos")}
+    scored = [k for k in rows[0] if k.startswith(("rm_score", "gold_score"))]
+    out = {k: float(np.mean([r[k] for r in rows])) for k in [*scored, "kl", "length", "eos"]}
     out["eos_rate"] = out.pop("eos")
     out["distinct_1"], out["distinct_2"] = distinct_n(texts, 1), distinct_n(texts, 2)
-    out["gold_score_sem"] = float(np.std([r["gold_score"] for r in rows]) / np.sqrt(len(rows)))
+    for k in (k for k in scored if k.startswith("gold_score")):
+        sem = float(np.std([r[k] for r in rows]) / np.sqrt(len(rows)))
+        out[k.replace("gold_score", "gold_score_sem", 1)] = sem
     return out
 
 
@@ -99,16 +110,24 @@ def evaluate(cfg: Config, policy: str, out_dir: str | Path | None = None) -> dic
         "reference_metrics": summarize([r for r in rows if r["model"] == "reference"]),
         "policy_metrics": summarize(pol_rows),
     }
-    summary["gold_gain"] = summary["policy_metrics"]["gold_score"] - summary["reference_metrics"]["gold_score"]
+    for k in (k for k in summary["policy_metrics"] if k.startswith("gold_score") and "_sem" not in k):
+        gain = summary["policy_metrics"][k] - summary["reference_metrics"][k]
+        summary[k.replace("gold_score", "gold_gain", 1)] = gain
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["text"] = format_summary(summary) + f"\nsamples and summary written to {out}"
     summary["out_dir"] = str(out)
     return summary
 
 
+def per_criterion_metrics(summary: dict) -> list[str]:
+    """The summary's per-criterion metric names (``rm_score.<c>``, ``gold_score.<c>``) both sides have."""
+    ref, pol = summary["reference_metrics"], summary["policy_metrics"]
+    return [k for k in pol if k.startswith(("rm_score.", "gold_score.")) and k in ref]
+
+
 def format_summary(summary: dict) -> str:
     """A side-by-side table of policy vs reference metrics."""
     ref, pol = summary["reference_metrics"], summary["policy_metrics"]
-    lines = [f"{'metric':<14}{'reference':>12}{'policy':>12}"]
-    lines += [f"{k:<14}{ref[k]:>12.3f}{pol[k]:>12.3f}" for k in SUMMARY_METRICS]
+    lines = [f"{'metric':<24}{'reference':>12}{'policy':>12}"]
+    lines += [f"{k:<24}{ref[k]:>12.3f}{pol[k]:>12.3f}" for k in [*SUMMARY_METRICS, *per_criterion_metrics(summary)]]
     return "\n".join(lines)

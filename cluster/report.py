@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from cluster.evaluate import SUMMARY_METRICS  # noqa: E402
+from cluster.evaluate import SUMMARY_METRICS, per_criterion_metrics  # noqa: E402
 from cluster.run_log import read_metrics  # noqa: E402
 
 # metrics.csv column -> plot title; a missing column is skipped.
@@ -127,8 +127,13 @@ def write_report(run_dir: str | Path) -> Path:
             "| metric | reference | policy |",
             "|---|---|---|",
         ]
-        parts += [f"| {k} | {ref[k]:.3f} | {pol[k]:.3f} |" for k in SUMMARY_METRICS]
+        parts += [f"| {k} | {ref[k]:.3f} | {pol[k]:.3f} |" for k in [*SUMMARY_METRICS, *per_criterion_metrics(s)]]
         parts += ["", f"Gold-score gain: **{s['gold_gain']:+.3f}** (± {pol['gold_score_sem']:.3f} s.e.)", ""]
+        gains = [k.removeprefix("gold_gain.") for k in s if k.startswith("gold_gain.")]
+        parts += [
+            f"- gold gain, {c}: {s[f'gold_gain.{c}']:+.3f} (± {pol[f'gold_score_sem.{c}']:.3f} s.e.)" for c in gains
+        ]
+        parts += [""] if gains else []
     parts += ["## Training curves", ""] + [f"![{p.stem}](report/{p.name})" for p in pngs] + [""]
     if (run / "eval" / "samples.parquet").exists():
         parts += [
