@@ -39,10 +39,12 @@ bench: install
 	$(BIN)/python bench/learner_bench.py
 	$(BIN)/python bench/serve_bench.py
 
-# Regenerate the shipped Parquet files (the preference pairs take ~20 minutes on 2 cores).
+# Regenerate the shipped Parquet files (the preference pairs take ~20 minutes on 2 cores; the
+# per-criterion labels, positivity and consistency, are added to them in seconds).
 data: install
 	$(BIN)/python data/make_prompts.py
 	$(BIN)/python data/make_preferences.py
+	$(BIN)/python data/make_criteria.py
 
 clean:
 	rm -rf $(VENV) runs
