@@ -90,6 +90,7 @@ class PolicyServer:
         )
         self.scheduler.start()
         self._scoring: set[asyncio.Task] = set()
+        self._reward_heads: tuple[list[str], list[str]] | None = None
         app.state.keys = KeyRing(api_key, settings.api_keys_file)
         app.state.max_request_bytes = settings.max_request_bytes
         app.state.metrics = self.metrics
@@ -176,6 +177,12 @@ class PolicyServer:
             return
         self.metrics.rewards(scores)
 
+    async def _heads(self) -> tuple[list[str], list[str]]:
+        """(criteria, those that need prompts) of the served reward model, asked once: a deployment's heads never change."""
+        if self._reward_heads is None:
+            self._reward_heads = (await self.reward.criteria.remote(), await self.reward.prompt_criteria.remote())
+        return self._reward_heads
+
     # ---- routes ---------------------------------------------------------------------------------
 
     def _check_model(self, model: str) -> None:
@@ -199,6 +206,7 @@ class PolicyServer:
             max_batch_size=self.settings.max_batch_size,
             batching=self.scheduler.snapshot(),
             rewards=self.reward is not None,
+            reward_criteria=(await self._heads())[0] if self.reward is not None else [],
         )
 
     @app.get("/v1/models", responses=error_responses(401))
@@ -244,5 +252,20 @@ class PolicyServer:
                 param="model",
                 code="model_not_found",
             )
-        scores = await self.reward.score.remote(body.texts, body.prompts, body.normalize)
-        return RewardResponse(model=self.reward_name, scores=scores)
+        criteria, need_prompts = await self._heads()
+        criterion = body.criterion or criteria[0]
+        if criterion not in criteria:
+            raise APIError(
+                400,
+                f"The reward model '{self.reward_name}' has no criterion '{criterion}'; its criteria: {criteria}.",
+                param="criterion",
+                code="criterion_not_found",
+            )
+        if criterion in need_prompts and body.prompts is None:
+            raise APIError(
+                400,
+                f"The criterion '{criterion}' judges each text against its prompt: give 'prompts', one per text.",
+                param="prompts",
+            )
+        scores = await self.reward.score.remote(body.texts, body.prompts, body.normalize, criterion)
+        return RewardResponse(model=self.reward_name, criterion=criterion, scores=scores)

@@ -7,7 +7,7 @@ the engine, not here. ``null`` means "the default" for every optional sampling p
 in OpenAI's API.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``POST /v1/rewards`` (texts in, reward-model scores out) and ``GET /healthz``. Errors use
+``POST /v1/rewards`` (texts in, reward-model scores of one criterion out) and ``GET /healthz``. Errors use
 OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -130,8 +130,10 @@ class RewardRequest(_Request):
     prompts: list[str] | None = None
     """The prompt of each text, used when the reward model was trained with ``include_prompt``."""
     normalize: StrictBool = False
-    """Standardise scores with the mean/std measured on the reward model's training data."""
+    """Standardise scores with the mean/std the criterion's head measured on its training data."""
     model: str | None = None
+    criterion: str | None = Field(None, min_length=1)
+    """The criterion to score (one of /healthz's ``reward_criteria``); default: the reward model's first."""
 
     @field_validator("prompts")
     @classmethod
@@ -232,6 +234,8 @@ class ModelList(BaseModel):
 class RewardResponse(BaseModel):
     object: Literal["list"] = "list"
     model: str
+    criterion: str
+    """The criterion (reward-model head) the scores are of."""
     scores: list[float]
 
 
@@ -271,6 +275,8 @@ class HealthResponse(BaseModel):
     batching: BatchStats
     rewards: bool
     """Whether a reward model is served at /v1/rewards."""
+    reward_criteria: list[str] = []
+    """The criteria /v1/rewards scores (the reward model's heads, the default first); empty without one."""
 
 
 # ---- errors ----------------------------------------------------------------------------------

@@ -22,3 +22,10 @@ def tiny_reward_dir(tmp_path_factory):
     return str(
         RewardModel.untrained(RewardModelSettings(backbone="tiny")).save(tmp_path_factory.mktemp("serve") / "tiny-rm")
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_criteria_reward_dir(tmp_path_factory):
+    """A saved tiny reward model with two heads (random): positivity on the response, consistency with the prompt."""
+    settings = RewardModelSettings(backbone="tiny", criteria=["positivity", "consistency"])
+    return str(RewardModel.untrained(settings).save(tmp_path_factory.mktemp("serve") / "tiny-rm"))

@@ -1,8 +1,8 @@
 """Real HTTP against a running Ray Serve application on loopback, serving a tiny model.
 
 Two applications share one Serve instance (started once for the module):
-- ``secure`` at ``/``: API key on, continuous batching of up to 8 sequences, and the reward
-  model at ``/v1/rewards``;
+- ``secure`` at ``/``: API key on, continuous batching of up to 8 sequences, and a reward
+  model with two criteria (positivity, consistency) at ``/v1/rewards``;
 - ``open`` at ``/open``: no API key, batching off (``serve.max_batch_size=1``), no reward model.
 
 Continuous vs static batching, the queue bound, cancellation, metrics and logs are in
@@ -32,7 +32,7 @@ MAX_BYTES = 8192
 
 
 @pytest.fixture(scope="module")
-def server(tiny_policy_dir, tiny_reward_dir):
+def server(tiny_policy_dir, tiny_criteria_reward_dir):
     """Start Ray and both applications; yield their base URLs; shut everything down."""
     port = free_port()
     common = [
@@ -45,7 +45,7 @@ def server(tiny_policy_dir, tiny_reward_dir):
     secure = load_config(None, common + [f"serve.api_key={KEY}", "serve.max_batch_size=8"])
     open_ = load_config(None, common + ["serve.max_batch_size=1"])
     urls = {
-        "secure": start_app(tiny_policy_dir, secure, tiny_reward_dir, name="secure", route_prefix="/"),
+        "secure": start_app(tiny_policy_dir, secure, tiny_criteria_reward_dir, name="secure", route_prefix="/"),
         "open": start_app(tiny_policy_dir, open_, None, name="open", route_prefix="/open"),
         "port": port,
     }
@@ -174,15 +174,36 @@ def test_streaming_chat_chunks(client):
     assert set(finishes) == {0, 1}
 
 
-def test_rewards_match_the_reward_model(client, tiny_reward_dir):
+def test_rewards_match_the_reward_model(client, tiny_criteria_reward_dir):
     texts = ["a wonderful film", "the worst acting", "boring"]
     r = client.post("/v1/rewards", json={"texts": texts})
     assert r.status_code == 200
-    expected = RewardModel.load(tiny_reward_dir).score(texts)
+    expected = RewardModel.load(tiny_criteria_reward_dir).score(texts)  # the first head: positivity
     assert r.json()["scores"] == pytest.approx(expected, abs=1e-4)
-    assert r.json()["model"] == "tiny-rm"
+    assert r.json()["model"] == "tiny-rm" and r.json()["criterion"] == "positivity"
     assert_error(client.post("/v1/rewards", json={"texts": texts, "prompts": ["one"]}), 400, param="prompts")
     assert_error(client.post("/v1/rewards", json={"texts": []}), 400, param="texts")
+
+
+def test_rewards_per_criterion(client, server, tiny_criteria_reward_dir):
+    rm = RewardModel.load(tiny_criteria_reward_dir)
+    texts, prompts = ["a wonderful film", "the worst acting"], ["I hated this movie", "I hated this movie"]
+    assert httpx.get(server["secure"] + "/healthz").json()["reward_criteria"] == ["positivity", "consistency"]
+    assert httpx.get(server["open"] + "/healthz").json()["reward_criteria"] == []
+    for criterion in ("positivity", "consistency"):
+        for normalize in (False, True):
+            body = {"texts": texts, "prompts": prompts, "criterion": criterion, "normalize": normalize}
+            r = client.post("/v1/rewards", json=body)
+            assert r.status_code == 200, r.text
+            want = rm.score(texts, prompts, normalize=normalize, criterion=criterion)
+            assert r.json()["criterion"] == criterion and r.json()["scores"] == pytest.approx(want, abs=1e-4)
+    # The heads differ (they are different functions of the text), so the criterion really chose one.
+    assert rm.score(texts, prompts, criterion="consistency") != pytest.approx(rm.score(texts, prompts), abs=1e-3)
+    unknown = client.post("/v1/rewards", json={"texts": texts, "criterion": "safety"})
+    assert "positivity" in assert_error(unknown, 400, param="criterion", code="criterion_not_found")["message"]
+    no_prompts = client.post("/v1/rewards", json={"texts": texts, "criterion": "consistency"})
+    assert "against its prompt" in assert_error(no_prompts, 400, param="prompts")["message"]
+    assert_error(client.post("/v1/rewards", json={"texts": texts, "criterion": ""}), 400, param="criterion")
 
 
 def test_rewards_not_served_without_a_reward_model(open_client):
