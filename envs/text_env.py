@@ -16,11 +16,13 @@ response), right-padded with the pad id; ``length`` counts the real tokens.
 
 ## Rewards
 0 at every step but the last, which gets the reward function of the decoded response
-(:mod:`envs.rewards`: the learned reward model by default; also 'gold', 'length', 'eos', and a
-weighted sum), plus ``no_eos_penalty`` if the response never wrote EOS. An empty response (EOS
-first) gets ``empty_response_score`` as its reward-model part (the reward model never saw an
-empty text); its other parts are computed as for any text (gold 0, length 0, eos 1). A response
-of one token is ordinary text. The last step's ``info`` is a :class:`ResponseInfo`.
+(:mod:`envs.rewards`: the learned reward model by default; also 'gold', 'length', 'eos', one
+criterion's 'reward_model.<criterion>' or 'gold.<criterion>', and a weighted sum), plus
+``no_eos_penalty`` if the response never wrote EOS. Every gold criterion, and every reward-model
+head when there is a reward model, is reported in ``info`` whether weighted or not. An empty
+response (EOS first) gets ``empty_response_score`` as its reward-model parts (the reward model
+never saw an empty text); its other parts are computed as for any text (gold 0, length 0, eos 1).
+A response of one token is ordinary text. The last step's ``info`` is a :class:`ResponseInfo`.
 
 ## Starting state
 ``reset`` draws the next prompt from a seeded permutation of the dataset (this runner's share of
@@ -39,7 +41,7 @@ Terminated when the policy writes EOS; truncated after ``max_new_tokens`` tokens
 | ``model`` | :class:`~envs.models.ModelSettings`: whose tokenizer and vocabulary the env uses |
 | ``data`` | :class:`~envs.data.DataSettings`: the prompt file (default: the shipped one) |
 | ``prompts`` | a list of prompt strings instead of the file |
-| ``reward_model`` | :class:`~envs.reward_model.RewardModelSettings` when the reward uses 'reward_model' |
+| ``reward_model`` | :class:`~envs.reward_model.RewardModelSettings` when the reward uses 'reward_model' or a head of it |
 | ``split``, ``seed`` | which split of the prompt file; the prompt order's seed |
 | ``shared_reward_actor`` | score through the driver's shared reward-model actor instead of a local copy |
 
