@@ -103,12 +103,13 @@ def conflict(rows: list[dict]) -> list[dict]:
     out = []
     for name, lo, hi in (*SENTIMENT_BANDS, ("all", -2.0, 2.0)):
         m = (vp >= lo) & (vp <= hi) if name == "neutral" else (vp > lo) & (vp < hi)
+        few = m.sum() < 2  # no correlation of fewer than two responses
         out.append(
             {
                 "openings": name,
                 "responses": int(m.sum()),
-                "pearson": float(np.corrcoef(pos[m], con[m])[0, 1]),
-                "spearman": spearman(pos[m], con[m]),
+                "pearson": float("nan") if few else float(np.corrcoef(pos[m], con[m])[0, 1]),
+                "spearman": float("nan") if few else spearman(pos[m], con[m]),
             }
         )
     return out

@@ -56,6 +56,20 @@ def test_labels_are_seeded_and_noisy_at_a_large_tau():
     assert flips == pytest.approx(0.3677, abs=0.1)
 
 
+def test_conflict_by_opening_sentiment_by_hand():
+    # VADER: "I hated this movie" -0.6369 (negative), "a wonderful story" 0.5719 (positive), "the film" 0 (neutral).
+    # great (0.6249) vs awful (-0.4588): positivity prefers great everywhere; consistency prefers awful after
+    # the negative opening (0.3691 vs 0.91095) and the neutral one (0.68755 vs 0.7706), great after the positive one.
+    rows = [{"prompt": p, "chosen": "great", "rejected": "awful"} for p in ("I hated this movie", "a wonderful story")]
+    got = {
+        c["openings"]: c for c in mc.conflict(rows + [{"prompt": "the film", "chosen": "great", "rejected": "awful"}])
+    }
+    assert [got[b]["pearson"] for b in ("negative", "neutral", "positive")] == pytest.approx([-1.0, -1.0, 1.0])
+    assert got["all"]["responses"] == 6
+    no_neutral = {c["openings"]: c for c in mc.conflict(rows)}["neutral"]
+    assert no_neutral["responses"] == 0 and math.isnan(no_neutral["pearson"]) and math.isnan(no_neutral["spearman"])
+
+
 def test_rerunning_on_its_own_output_takes_the_positivity_rows():
     rows = mc.positivity_rows(_rows())
     again = mc.positivity_rows(rows + mc.consistency_rows(rows, 0.05, 0))
