@@ -4,7 +4,11 @@
 for every finite number of an iteration's metrics (``cluster.run_log.summarize``'s row). It needs a
 connected Ray (the training driver is); without one it does nothing. Ray drops a gauge that is not
 re-set within two report intervals (20 s by default) and an iteration often takes longer, so a
-daemon thread re-sets the last values every ``REFRESH_S`` until the process exits.
+daemon thread re-sets the last values every ``REFRESH_S`` until the process exits. The gauges belong
+to the Ray session that created them: after ``ray.shutdown`` and a new ``ray.init`` in the same
+process they are created again (a gauge of the old session would export nothing).
+
+``cluster.train`` calls it after every iteration, with the row it writes to ``metrics.csv``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ _lock = threading.Lock()
 _gauges: dict[str, object] = {}
 _values: dict[str, float] = {}
 _refresher: threading.Thread | None = None
+_session: str | None = None
 
 
 def metric_name(key: str) -> str:
@@ -35,8 +40,13 @@ def publish_training_metrics(metrics: dict[str, float]) -> None:
         return
     from ray.util.metrics import Gauge
 
-    global _refresher
+    global _refresher, _session
     with _lock:
+        session = ray.get_runtime_context().get_worker_id()
+        if session != _session:  # a new Ray session: the old gauges are dead, and so are their values
+            _gauges.clear()
+            _values.clear()
+            _session = session
         for key, value in metrics.items():
             try:
                 value = float(value)
@@ -63,6 +73,6 @@ def _refresh() -> None:
     """Re-set the last values periodically, so the gauges outlive Ray's eviction between iterations."""
     stop = threading.Event()
     while not stop.wait(REFRESH_S):
-        if ray.is_initialized():
-            with _lock:
+        with _lock:
+            if ray.is_initialized() and ray.get_runtime_context().get_worker_id() == _session:
                 _set_all()

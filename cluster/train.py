@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from cluster.config import Config, dump_config
 from cluster.run_log import RunLog, read_metrics, summarize
+from cluster.telemetry import publish_training_metrics
 from envs.data import resolve_path
 from envs.models import export_pretrained
 from envs.reward_actor import start_reward_actor, stop_reward_actor
@@ -175,6 +176,7 @@ def _loop(algo, cfg: Config, out: Path, start: int, resumed: bool) -> dict[str, 
         for _ in bar:
             metrics = summarize(algo.train())
             log.write(metrics)
+            publish_training_metrics(metrics)  # the same row as Prometheus gauges (cluster/telemetry.py)
             it = metrics["iteration"]
             bar.set_postfix(
                 rm=f"{metrics['rm_score']:.3f}",
