@@ -8,8 +8,10 @@ Round k (policy 1 is ``model.policy``, policy k+1 is round k's PPO policy):
    showing progress) or ``feedback.simulated_annotators`` simulated Bradley-Terry VADER
    annotators that go through the app's HTTP API exactly as the page does;
 2. ``reward_model``: every label so far is exported (``round_k/preferences.parquet``) and the
-   reward model trained on it, warm-started from round k-1's (round 1: from
-   ``reward_model.path`` when a trained model is there);
+   reward model trained on it, one head per labelled criterion with ``overall`` first (the head
+   PPO optimises), warm-started from round k-1's (round 1: from ``reward_model.path`` when a
+   trained model is there; if its default head is not ``overall``, e.g. the demo's
+   ``positivity``, that head is where ``overall`` starts, as ``round_1/reward_model_init``);
 3. ``ppo``: PPO from policy k against that reward model (``round_k/ppo``; KL to policy k);
 4. ``eval``: policy k+1 against the original ``model.policy`` on held-out prompts (gold score,
    KL, reward-model score), and the reward model's agreement with the gold order on the held-out
@@ -33,10 +35,11 @@ from pathlib import Path
 from cluster.config import Config, ConfigError
 from cluster.evaluate import evaluate
 from cluster.iterate_report import round_summary, write_rounds_report
-from cluster.labelling import APP_NAME, admin_key_for, check_port, db_url, open_store, start_label_app
+from cluster.labelling import APP_NAME, admin_key_for, db_url, open_store, start_label_app
 from cluster.report import write_report
+from cluster.serving import check_port
 from cluster.train import train
-from envs.data import resolve_path
+from envs.data import DEFAULT_CRITERION, criterion_of, load_preferences, resolve_path
 from envs.models import ModelLoadError
 from envs.reward_model import RewardModel
 from envs.reward_training import train_reward_model
@@ -138,6 +141,35 @@ def _labels(cfg: Config, out: Path, k: int, annotator: str, key: str) -> None:
         delete_label_app(APP_NAME)  # frees the policy replica before PPO
 
 
+def _label_criteria(path: str) -> list[str]:
+    """The heads a round trains: 'overall' first (the reward PPO optimises), then every other labelled criterion.
+
+    A criterion nobody gave an order on (only ties, "both bad" or skipped) has nothing to train
+    and is left out; 'overall' always stays (training says so clearly if it has no pair).
+    """
+    ordered = [criterion_of(r) for r in load_preferences(path, None) if not r.get("tie", False)]
+    return [DEFAULT_CRITERION] + [c for c in dict.fromkeys(ordered) if c != DEFAULT_CRITERION]
+
+
+def _overall_init(src: Path, dst: Path) -> Path:
+    """`src` with an 'overall' head where its default head is not one: a copy of that head, first.
+
+    The labels' overall verdict is what PPO optimises, as the default head of a model trained
+    on other data (e.g. the demo's 'positivity') was: round 1 continues it instead of starting a
+    fresh head from a handful of labels.
+    """
+    rm = RewardModel.load(src)
+    if DEFAULT_CRITERION in rm.heads:
+        return src
+    first = rm.criteria[0]
+    rm.add_heads([DEFAULT_CRITERION], prompt_heads=[DEFAULT_CRITERION] if first in rm.prompt_heads else [])
+    rm.heads[DEFAULT_CRITERION].load_state_dict(rm.heads[first].state_dict())
+    rm.stats[DEFAULT_CRITERION] = rm.stats[first]
+    rm.order_heads([DEFAULT_CRITERION])
+    shutil.rmtree(dst, ignore_errors=True)
+    return rm.save(dst)
+
+
 def _reward_model(cfg: Config, out: Path, k: int) -> None:
     import torch
 
@@ -149,23 +181,33 @@ def _reward_model(cfg: Config, out: Path, k: int) -> None:
         store.close()
     warm = str(_paths(out, k - 1)["rm"]) if k > 1 else cfg.reward_model.path
     try:
-        warm = str(RewardModel.check_dir(resolve_path(warm)))
+        warm = RewardModel.check_dir(resolve_path(warm))
     except ModelLoadError:
-        warm = None  # round 1 without a trained reward model: a fresh head
+        warm = None  # round 1 without a trained reward model: fresh heads
     if cfg.run.torch_threads:
         torch.set_num_threads(cfg.run.torch_threads)
-    shutil.rmtree(rc.reward_model.path, ignore_errors=True)
-    train_reward_model(rc.reward_model, rc.data.preferences, rc.run.seed, warm_start=warm)
+    if warm is not None and k == 1:
+        warm = _overall_init(warm, _paths(out, 1)["dir"] / "reward_model_init")
+    # The preset's criteria name heads of its own preference data; a round's heads are the labels' criteria.
+    settings = rc.reward_model.model_copy(update={"criteria": _label_criteria(rc.data.preferences)})
+    shutil.rmtree(settings.path, ignore_errors=True)
+    train_reward_model(settings, rc.data.preferences, rc.run.seed, warm_start=str(warm) if warm else None)
 
 
 def _eval(cfg: Config, out: Path, k: int) -> None:
     rc = _round_config(cfg, out, k)
-    ev = cfg.model_copy(update={"reward_model": rc.reward_model, "run": rc.run})
+    # Every round is evaluated with the run's own seed: the same held-out prompts and sampling seed, so the
+    # reference's samples are the same each round and the rounds' policies differ by what they learnt alone.
+    run = rc.run.model_copy(update={"seed": cfg.run.seed})
+    ev = cfg.model_copy(update={"reward_model": rc.reward_model, "run": run})
     evaluate(ev, str(rc.run.output_dir), out_dir=Path(rc.run.output_dir) / "eval")
     write_report(rc.run.output_dir)
     store = open_store(cfg)
     try:
-        summary = round_summary(cfg, store, k, Path(rc.run.output_dir), Path(rc.reward_model.path), rc.model.policy)
+        prev = _paths(out, k - 1)["rm"] if k > 1 else None
+        summary = round_summary(
+            cfg, store, k, Path(rc.run.output_dir), Path(rc.reward_model.path), rc.model.policy, prev
+        )
     finally:
         store.close()
     (_paths(out, k)["dir"] / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -11,29 +11,53 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cluster.config import Config  # noqa: E402
-from envs.data import DataError, load_preferences, resolve_path  # noqa: E402
+from envs.data import (  # noqa: E402
+    DEFAULT_CRITERION,
+    DataError,
+    criterion_of,
+    load_preferences,
+    preference_pairs,
+    resolve_path,
+)
 from envs.reward_model import RewardModel  # noqa: E402
 from envs.reward_training import evaluate_rm  # noqa: E402
-from serve.labelling.reports import stats  # noqa: E402
+from serve.labelling.reports import export_rows, stats  # noqa: E402
 
 HELD_OUT_PAIRS = 200
 """Held-out pairs of ``data.preferences`` the reward model of each round is checked on (gold order)."""
+HELD_OUT_CRITERIA = ("positivity", DEFAULT_CRITERION)
+"""Rows of ``data.preferences`` whose gold order is the simulated annotator's (VADER of the response)."""
 
 
 def _held_out_agreement(cfg: Config, rm_dir: Path) -> dict:
-    """The round's reward model on the shipped held-out pairs: agreement with the gold order, Spearman."""
+    """The round's reward model ('overall' head) on the shipped held-out pairs: agreement with the gold order, Spearman."""
     try:
-        rows = load_preferences(resolve_path(cfg.data.preferences), "test")[:HELD_OUT_PAIRS]
+        rows = load_preferences(resolve_path(cfg.data.preferences), "test")
     except DataError:
         return {}
+    rows = [r for r in rows if criterion_of(r) in HELD_OUT_CRITERIA][:HELD_OUT_PAIRS]
     if not rows or "chosen_score" not in rows[0]:
         return {}
-    out = evaluate_rm(RewardModel.load(rm_dir), rows, cfg.reward_model.score_batch_size)
+    out = evaluate_rm(RewardModel.load(rm_dir), rows, cfg.reward_model.score_batch_size, DEFAULT_CRITERION)
     return {"gold_agreement": out["gold_agreement"], "spearman": out["spearman"], "pairs": out["gold_pairs"]}
 
 
-def round_summary(cfg: Config, store, k: int, ppo_dir: Path, rm_dir: Path, policy_in: str) -> dict:
-    """What round k did: labels, annotator agreement, reward model, evaluation of the new policy."""
+def _previous_on_new_labels(cfg: Config, store, k: int, prev_rm: Path) -> float | None:
+    """Round k-1's reward model on round k's 'overall' labels, which it never saw: held-out label accuracy."""
+    if not (prev_rm / "metrics.json").exists():
+        return None
+    rows = preference_pairs([r for r in export_rows(store, [k]) if criterion_of(r) == DEFAULT_CRITERION])
+    if not rows:
+        return None
+    return evaluate_rm(RewardModel.load(prev_rm), rows, cfg.reward_model.score_batch_size, DEFAULT_CRITERION)[
+        "accuracy"
+    ]
+
+
+def round_summary(
+    cfg: Config, store, k: int, ppo_dir: Path, rm_dir: Path, policy_in: str, prev_rm: Path | None = None
+) -> dict:
+    """What round k did: labels, annotator agreement, reward model (and `prev_rm`, round k-1's), the new policy."""
     rm = json.loads((rm_dir / "metrics.json").read_text())
     ev = json.loads((ppo_dir / "eval" / "summary.json").read_text())
     overall = stats(store)["agreement"].get("overall", {})
@@ -45,7 +69,8 @@ def round_summary(cfg: Config, store, k: int, ppo_dir: Path, rm_dir: Path, polic
         "labels_total": sum(store.slot_counts(j)["done"] for j in range(1, k + 1)),
         "annotator_alpha": overall.get("alpha"),
         "rm_train_pairs": rm["train_pairs"],
-        "rm_label_accuracy": rm["eval_accuracy"],
+        "rm_label_accuracy": rm["eval_accuracy"],  # on the last tenth of its own training labels (in-sample)
+        "rm_prev_on_new_labels": _previous_on_new_labels(cfg, store, k, prev_rm) if prev_rm else None,
         "rm_warm_start": rm.get("warm_start"),
         "rm_held_out": _held_out_agreement(cfg, rm_dir),
         "gold_reference": ev["reference_metrics"]["gold_score"],
@@ -70,14 +95,17 @@ def write_rounds_report(out: Path, rounds: int) -> tuple[Path, list[dict]]:
         "Held-out gold score and KL are measured against the original reference model; the reward model's",
         "gold agreement is on the held-out pairs of `data.preferences`.",
         "",
-        "| round | labels (round / total) | annotator alpha | RM train pairs | RM label acc. | RM gold agreement "
+        "Label accuracy of the previous round's reward model is on this round's labels, which it never saw (the",
+        "reward model's accuracy on the labels it was trained on is in `round_k/reward_model/metrics.json`).",
+        "",
+        "| round | labels (round / total) | annotator alpha | RM train pairs | prev. RM on new labels | RM gold agreement "
         "| gold: reference | gold: policy | KL | RM score |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         lines.append(
             f"| {s['round']} | {s['labels_round']} / {s['labels_total']} | {_fmt(s['annotator_alpha'])} "
-            f"| {s['rm_train_pairs']} | {_fmt(s['rm_label_accuracy'])} | {_fmt(s['rm_held_out'].get('gold_agreement'))} "
+            f"| {s['rm_train_pairs']} | {_fmt(s.get('rm_prev_on_new_labels'))} | {_fmt(s['rm_held_out'].get('gold_agreement'))} "
             f"| {_fmt(s['gold_reference'])} | {_fmt(s['gold_policy'])} ± {_fmt(s['gold_sem'])} | {_fmt(s['kl'])} "
             f"| {_fmt(s['rm_score_policy'])} |"
         )

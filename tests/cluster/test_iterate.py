@@ -16,7 +16,9 @@ import psutil
 from sqlalchemy import func, select
 
 from cluster.config import load_config
-from cluster.iterate import iterate
+from cluster.iterate import _label_criteria, _overall_init, iterate
+from envs.data import write_preferences
+from envs.reward_model import RewardModel, RewardModelSettings
 from serve.labelling.reports import export_rows
 from serve.labelling.schema import annotators, submissions
 from serve.labelling.store import LabelStore
@@ -53,7 +55,12 @@ def test_two_rounds_with_simulated_annotators_over_http(tmp_path):
     assert one["rm_warm_start"] is None and two["rm_warm_start"] == str(run / "round_1" / "reward_model")
     assert two["policy_in"] == str(run / "round_1" / "ppo" / "policy")  # round 2 samples from round 1's policy
     assert one["rm_train_pairs"] == ITEMS and two["rm_train_pairs"] == 2 * ITEMS  # every label so far
+    # one head per labelled criterion, 'overall' (what PPO optimises) first
+    rm_meta = json.loads((run / "round_2" / "reward_model" / "alignray_reward.json").read_text())
+    assert rm_meta["criteria"][0] == "overall" and sorted(rm_meta["criteria"][1:]) == sorted(cfg.feedback.criteria)
+    assert one["rm_prev_on_new_labels"] is None and 0.0 <= two["rm_prev_on_new_labels"] <= 1.0
     assert (run / "round_2" / "ppo" / "policy" / "config.json").exists()
+    assert one["gold_reference"] == two["gold_reference"]  # one evaluation seed: the same reference samples
     report = Path(result["report"]).read_text()
     assert report.count("\n| 1 |") == 1 and report.count("\n| 2 |") == 1
     assert json.loads((run / "iterate.json").read_text()) == {"round": 3, "step": "labels"}
@@ -111,3 +118,23 @@ def test_a_killed_run_continues_where_it_stopped_without_losing_labels(tmp_path)
     labels, worst = _labels(db)
     assert labels == 40 and worst == 1  # every item labelled once: nothing lost, nothing twice
     assert json.loads((tmp_path / "run" / "iterate.json").read_text()) == {"round": 2, "step": "labels"}
+
+
+def test_a_round_trains_the_labelled_criteria_overall_first(tmp_path):
+    rows = [
+        {"prompt": "p", "chosen": "a", "rejected": "b", "criterion": c, "tie": tie}
+        for c, tie in [("safety", False), ("overall", False), ("quality", True), ("consistency", False)]
+    ]
+    path = write_preferences(tmp_path / "labels.parquet", rows)
+    assert _label_criteria(str(path)) == ["overall", "safety", "consistency"]  # quality: only a tie
+
+
+def test_round_one_continues_a_default_head_that_is_not_overall(tmp_path):
+    settings = RewardModelSettings(backbone="tiny", max_length=32, criteria=["positivity", "consistency"])
+    src = RewardModel.untrained(settings).save(tmp_path / "rm")
+    init = _overall_init(src, tmp_path / "init")
+    rm, before = RewardModel.load(init), RewardModel.load(src)
+    assert rm.criteria == ["overall", "positivity", "consistency"]
+    texts = ["a fine film", "dull"]
+    assert rm.score(texts) == before.score(texts, criterion="positivity")  # the same head under the labels' name
+    assert _overall_init(init, tmp_path / "again") == init  # a model with an 'overall' head is used as it is
