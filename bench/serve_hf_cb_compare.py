@@ -20,9 +20,11 @@ cancelled request, per-request streams that keep their order. Those decide the c
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import threading
 import time
+from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
@@ -105,6 +107,7 @@ def main() -> None:
     p.add_argument("--gaps", type=float, nargs="+", default=[0.0, 0.2], help="seconds between arrivals")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -117,6 +120,7 @@ def main() -> None:
     theirs(engine, prompts[:2], 4, 0.0)
     print(f"model {args.model}, {args.requests} greedy requests x {args.tokens} tokens, {args.threads} thread(s)")
     print(f"{'gap s':>6} {'impl':<13} {'wall s':>7} {'tok/s':>7} {'mean lat s':>10} {'same text':>9}")
+    results = []
     for gap in args.gaps:
         runs = {"ours": [], "transformers": []}
         for _ in range(args.rounds):
@@ -128,6 +132,18 @@ def main() -> None:
             lat = statistics.median(statistics.fmean(r[1]) for r in rs)
             tps = args.requests * args.tokens / wall
             print(f"{gap:6.2f} {name:<13} {wall:7.2f} {tps:7.1f} {lat:10.2f} {str(same):>9}")
+            results.append(
+                {
+                    "gap_s": gap,
+                    "impl": name,
+                    "wall_s": wall,
+                    "tokens_per_s": tps,
+                    "mean_latency_s": lat,
+                    "same_text": same,
+                }
+            )
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
 
 if __name__ == "__main__":
