@@ -68,8 +68,11 @@ def per_token_kl(
     return out
 
 
-def quality(engines: dict[str, GenerationEngine], prompts: list[list[int]], tokens: int, seed: int) -> dict:
-    """Per dtype: mean per-token KL to float32 on its own samples, gold score, mean response length."""
+def quality(engines: dict[str, GenerationEngine], prompts: list[list[int]], tokens: int, seed: int, save=None) -> dict:
+    """Per dtype (in the order given): mean per-token KL to float32 on its own samples, gold score, mean length.
+
+    ``save`` is called with the results so far after each dtype (a cut-off run keeps what it measured).
+    """
     tok = engines["float32"].tokenizer
     out = {}
     for name, engine in engines.items():
@@ -87,6 +90,8 @@ def quality(engines: dict[str, GenerationEngine], prompts: list[list[int]], toke
         print(
             f"  {name}: KL {out[name]['kl_per_token']:.4f} nats/token, gold {out[name]['gold_score']:.3f}", flush=True
         )
+        if save is not None:
+            save(out)
     return out
 
 
@@ -120,7 +125,15 @@ def main() -> None:
             speed[d].append(tokens_per_s(engine, prompts[: args.batch], args.tokens, seed=args.seed + round_))
             print(f"round {round_ + 1}/{args.rounds}: {d} {speed[d][-1]:.1f} tokens/s", flush=True)
     print(f"quality on {len(prompts)} held-out prompts, {e.max_new_tokens}-token responses:", flush=True)
-    qual = quality(engines, prompts, e.max_new_tokens, args.seed)
+    # float32 first, then the fastest dtype first: emulated bfloat16 is slow, and a cut-off run keeps the rest
+    order = ["float32", *sorted((d for d in engines if d != "float32"), key=lambda d: -statistics.median(speed[d]))]
+
+    def save(partial: dict) -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps({"args": vars(args), "speed": speed, "quality": partial}, indent=2))
+
+    save({})
+    qual = quality({d: engines[d] for d in order}, prompts, e.max_new_tokens, args.seed, save)
 
     base = statistics.median(speed["float32"])
     print(f"\nmodel {args.model}, batch {args.batch} x {args.tokens} tokens, {args.threads} torch thread(s)")
