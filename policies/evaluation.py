@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from envs.prompting import left_pad
+from policies.packing import packed_logits, sequences
+from policies.sampling import scaled_logp
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -19,7 +21,7 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 @torch.no_grad()
 def sample(
-    model, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int, batch_size: int = 32
+    model, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int, batch_size: int = 64
 ) -> list[list[int]]:
     """Sample one response (token ids, EOS kept, padding dropped) per prompt, in left-padded batches."""
     out: list[list[int]] = []
@@ -46,32 +48,25 @@ def sample(
 
 @torch.no_grad()
 def sequence_logprobs(
-    model, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0, batch_size: int = 16
+    model, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0, batch_size: int = 32
 ) -> list[float]:
     """Sum over response tokens of log pi(y_t | prefix) at the sampling temperature, one per pair.
 
-    Right-padded batches of prompt + response (padding after the text cannot change a causal
-    model's earlier positions); the LM head runs only at the positions that predict a response token.
+    Batches go through the learner's packed pass (:func:`policies.packing.packed_logits`): the
+    model's own head path, the LM head only where a response token is predicted, and the prompts'
+    shared prefix run once. An empty response sums to 0.
     """
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
-        seqs = [p + r for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
         resp = responses[i : i + batch_size]
-        width = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s), 1
-        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
-        rows = torch.tensor([j for j, r in enumerate(resp) for _ in r], dtype=torch.long)  # (N,)
-        pos = torch.tensor(
-            [len(s) - len(r) - 1 + t for s, r in zip(seqs, resp) for t in range(len(r))], dtype=torch.long
-        )  # (N,) the position whose output predicts each response token
-        targets = torch.tensor([tok for r in resp for tok in r], dtype=torch.long)  # (N,)
+        seqs = [p + r for p, r in zip(prompts[i : i + batch_size], resp)]
+        positions = [list(range(len(s) - len(r) - 1, len(s) - 1)) for s, r in zip(seqs, resp)]
         totals = torch.zeros(len(seqs), dtype=torch.float64)
+        targets = torch.tensor([t for r in resp for t in r], dtype=torch.long)  # (N,)
         if len(targets):
-            logits = model.get_output_embeddings()(hidden[rows, pos]).float() / temperature  # (N, V)
-            logp = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
-            totals.index_add_(0, rows, logp.double())
+            packing = sequences(seqs, positions)
+            logits, _ = packed_logits(model, packing)  # (N, V)
+            logp = scaled_logp(logits, temperature).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+            totals.index_add_(0, packing.group, logp.double())
         out += totals.tolist()
     return out

@@ -85,11 +85,13 @@ def test_report_from_metrics_and_eval(tmp_path, tiny_cfg):
     assert "| prompt | reference (gold) | policy (gold, KL) |" in text
 
 
-def test_batched_sequence_logprobs_match_one_pass_per_response():
+@pytest.mark.parametrize("system", [[], list(range(30, 40))])  # no shared prefix; a 10-token one run once
+def test_batched_sequence_logprobs_match_one_pass_per_response(system):
     from policies.evaluation import sequence_logprobs
 
     lm, _ = load_causal_lm("tiny", tiny_vocab_size=64)
     prompts, responses = [[5, 6, 7], [8], [9, 10], [11, 12]], [[20, 21], [22, 23, 24, 25], [], [3]]
+    prompts = [system + p for p in prompts]
     want = []
     with torch.no_grad():
         for p, r in zip(prompts, responses):

@@ -68,3 +68,51 @@ def test_forward_train_logp_matches_per_token_reference():
     assert tiny_module(W, critic="policy").forward_train(batch)[Columns.EMBEDDINGS].shape == (7, 32)
     out[LOGP].sum().backward()  # gradients flow through the packed pass
     assert m.lm.model.embed_tokens.weight.grad is not None
+
+
+def shared_prefix_rows():
+    """Three episodes whose prompts share a 10-token prefix (a chat template's system turn), of different lengths."""
+    system = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    prompts = [system + [20], system + [21, 22], system + [23]]
+    responses = [[30, 31, 3], [32], [33, 34]]
+    ctx = [p + r[:t] for p, r in zip(prompts, responses) for t in range(len(r))]
+    return ctx, torch.tensor([r[t] for r in responses for t in range(len(r))])
+
+
+def test_shared_prefix_pass_equals_separate_passes_in_logits_and_gradient(monkeypatch):
+    import policies.packing as packing
+
+    m = module()
+    ctx, actions = shared_prefix_rows()
+    width = max(map(len, ctx))
+    ids = torch.zeros(len(ctx), width, dtype=torch.long)
+    for i, c in enumerate(ctx):
+        ids[i, : len(c)] = torch.tensor(c)
+    p = pack_rows(ids, torch.tensor([len(c) for c in ctx]))
+    assert p.seqs.shape[0] == 3 and packing.shared_prefix_len(p) == 10
+
+    def run():
+        m.lm.zero_grad()
+        logits, hidden = packed_logits(m.lm, p, with_hidden=True)
+        torch.log_softmax(logits, -1).gather(-1, actions[:, None]).sum().backward()
+        return logits.detach(), hidden.detach(), m.lm.model.embed_tokens.weight.grad.clone()
+
+    shared = run()
+    monkeypatch.setattr(packing, "MIN_SHARED_PREFIX", 10**6)  # the same batch without the shared prefix
+    separate = run()
+    with torch.no_grad():
+        want = torch.stack([m.lm(input_ids=torch.tensor([c])).logits[0, -1] for c in ctx])
+    torch.testing.assert_close(shared[0], want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared, separate):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert shared[2][5:15].abs().sum() > 0  # the prefix tokens' embeddings got gradient from every group
+
+
+def test_no_shared_prefix_past_the_first_read_position():
+    from policies.packing import shared_prefix_len
+
+    a, b = [5, 6, 7, 8, 9, 10, 11, 30], [5, 6, 7, 8, 9, 10, 11, 31]  # two groups agree on 7 tokens
+    ids, lengths = rows([a[:4], a, b])
+    assert shared_prefix_len(pack_rows(ids, lengths)) == 3  # but row 0 reads position 3: its output must be computed
+    ids, lengths = rows([[5, 6, 7, 8, 9, 10, 11]])
+    assert shared_prefix_len(pack_rows(ids, lengths)) == 0  # one group: nothing to share
