@@ -14,6 +14,7 @@ positivity.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -35,9 +36,35 @@ from policies.export import resolve_policy
 SUMMARY_METRICS = ("rm_score", "gold_score", "kl", "length", "eos_rate", "distinct_1", "distinct_2")
 
 
-def _score_side(name, model, tok, rm, cfg: Config, prompts, prompt_tok, seed) -> list[dict]:
-    """Sample and score one model's responses to every prompt."""
-    responses = sample(model, tok, prompt_tok, cfg.env.max_new_tokens, cfg.ppo.temperature, seed)
+def _reference_key(cfg: Config, prompt_tok: list[list[int]]) -> dict:
+    """What the reference's samples depend on: the model, the tokenized prompts and the sampling settings."""
+    digest = hashlib.sha256(json.dumps(prompt_tok).encode()).hexdigest()
+    m = cfg.model
+    return {
+        "model": m.policy,
+        "dtype": m.dtype,
+        "prompts": digest,
+        "seed": cfg.run.seed,
+        "temperature": cfg.ppo.temperature,
+        "max_new_tokens": cfg.env.max_new_tokens,
+    }
+
+
+def _reference_responses(cache: Path | None, key: dict, draw) -> list[list[int]]:
+    """The reference's sampled token ids: from `cache` when it was written for `key`, else drawn (and cached)."""
+    if cache and cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved["key"] == key:
+            return saved["responses"]
+    responses = draw()
+    if cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "responses": responses}))
+    return responses
+
+
+def _score_side(name, tok, rm, cfg: Config, prompts, responses: list[list[int]]) -> list[dict]:
+    """Score one model's sampled responses (token ids) to every prompt."""
     texts = [tok.decode(r, skip_special_tokens=True).strip() for r in responses]
     heads = rm.score_all(texts, prompts, cfg.reward_model.score_batch_size, normalize=cfg.env.reward_normalization)
     golds = gold_criteria(prompts, texts)
@@ -73,8 +100,15 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def evaluate(cfg: Config, policy: str, out_dir: str | Path | None = None) -> dict:
-    """Evaluate `policy` (run dir, checkpoint, HF dir or spec) against cfg.model.policy; write outputs."""
+def evaluate(
+    cfg: Config, policy: str, out_dir: str | Path | None = None, reference_cache: str | Path | None = None
+) -> dict:
+    """Evaluate `policy` (run dir, checkpoint, HF dir or spec) against cfg.model.policy; write outputs.
+
+    `reference_cache` (a JSON file) keeps the reference's sampled responses between evaluations
+    with the same reference, prompts and sampling settings (iterated rounds): they are drawn once
+    and re-scored by each evaluation's reward model.
+    """
     torch.manual_seed(cfg.run.seed)
     policy_dir, _ = resolve_policy(policy)
     out = (
@@ -89,9 +123,18 @@ def evaluate(cfg: Config, policy: str, out_dir: str | Path | None = None) -> dic
     prompts = load_prompts(resolve_path(cfg.data.prompts), "test")[: cfg.run.eval_prompts]
     e = cfg.env
     prompt_tok = [prompt_ids(tok, p, e.instruction, e.chat_template, e.max_prompt_tokens) for p in prompts]
+
+    def draw(model):
+        return lambda: sample(model, tok, prompt_tok, e.max_new_tokens, cfg.ppo.temperature, cfg.run.seed)
+
+    cache = Path(reference_cache) if reference_cache else None
+    sides = {
+        "reference": lambda: _reference_responses(cache, _reference_key(cfg, prompt_tok), draw(ref)),
+        "policy": draw(pol),
+    }
     rows = []
-    for name, model in tqdm([("reference", ref), ("policy", pol)], desc="evaluating", unit="model"):
-        rows += _score_side(name, model, tok, rm, cfg, prompts, prompt_tok, cfg.run.seed)
+    for name, responses in tqdm(sides.items(), desc="evaluating", unit="model"):
+        rows += _score_side(name, tok, rm, cfg, prompts, responses())
     pol_rows = [r for r in rows if r["model"] == "policy"]
     if pol is not ref:
         ids = [r["_ids"] for r in pol_rows]

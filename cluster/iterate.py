@@ -50,6 +50,7 @@ from serve.labelling.simulated import SimulatedAnnotator
 
 STEPS = ("labels", "reward_model", "ppo", "eval")
 STATE_FILE = "iterate.json"
+REFERENCE_CACHE = "reference_samples.json"
 
 
 def _paths(out: Path, k: int) -> dict[str, Path]:
@@ -197,10 +198,13 @@ def _reward_model(cfg: Config, out: Path, k: int) -> None:
 def _eval(cfg: Config, out: Path, k: int) -> None:
     rc = _round_config(cfg, out, k)
     # Every round is evaluated with the run's own seed: the same held-out prompts and sampling seed, so the
-    # reference's samples are the same each round and the rounds' policies differ by what they learnt alone.
+    # reference's samples are the same each round (drawn once, kept in REFERENCE_CACHE, re-scored by each
+    # round's reward model) and the rounds' policies differ by what they learnt alone.
     run = rc.run.model_copy(update={"seed": cfg.run.seed})
     ev = cfg.model_copy(update={"reward_model": rc.reward_model, "run": run})
-    evaluate(ev, str(rc.run.output_dir), out_dir=Path(rc.run.output_dir) / "eval")
+    evaluate(
+        ev, str(rc.run.output_dir), out_dir=Path(rc.run.output_dir) / "eval", reference_cache=out / REFERENCE_CACHE
+    )
     write_report(rc.run.output_dir)
     store = open_store(cfg)
     try:
@@ -216,7 +220,7 @@ def _eval(cfg: Config, out: Path, k: int) -> None:
 def _fresh(cfg: Config, out: Path) -> None:
     if cfg.feedback.db_url:
         raise ConfigError("feedback.db_url: --fresh only clears the default SQLite store; drop the database yourself")
-    for path in [out / STATE_FILE, *out.glob("round_*"), *out.glob("labels.db*")]:
+    for path in [out / STATE_FILE, *out.glob("round_*"), *out.glob("labels.db*"), *out.glob(REFERENCE_CACHE)]:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 

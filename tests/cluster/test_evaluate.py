@@ -103,3 +103,24 @@ def test_batched_sequence_logprobs_match_one_pass_per_response(system):
     got = sequence_logprobs(lm, prompts, responses, temperature=0.7, batch_size=3)  # batches of 3 and 1
     assert got == pytest.approx(want, abs=1e-4)
     assert got[2] == 0.0
+
+
+def test_reference_samples_are_drawn_once_per_key(tmp_path, tiny_cfg, monkeypatch):
+    import cluster.evaluate as ev
+
+    model, tok = tiny.causal_lm()
+    export_pretrained(model, tok, tmp_path / "policy")
+    calls = []
+    real = ev.sample
+    monkeypatch.setattr(ev, "sample", lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
+    cache = tmp_path / "ref.json"
+    first = evaluate(tiny_cfg, str(tmp_path / "policy"), out_dir=tmp_path / "e1", reference_cache=cache)
+    assert len(calls) == 2 and cache.exists()  # reference and policy sampled; the reference's kept
+    second = evaluate(tiny_cfg, str(tmp_path / "policy"), out_dir=tmp_path / "e2", reference_cache=cache)
+    assert len(calls) == 3  # only the policy sampled again
+    assert second["reference_metrics"] == first["reference_metrics"]
+    ref_rows = [pq.read_table(tmp_path / d / "samples.parquet").to_pylist()[:3] for d in ("e1", "e2")]
+    assert ref_rows[0] == ref_rows[1]
+    other_seed = tiny_cfg.model_copy(update={"run": tiny_cfg.run.model_copy(update={"seed": 7})})
+    evaluate(other_seed, str(tmp_path / "policy"), out_dir=tmp_path / "e3", reference_cache=cache)
+    assert len(calls) == 5  # another sampling seed: the cache does not apply, both sides sampled
