@@ -40,10 +40,11 @@ class ResponsePPO(PPO):
     @override(PPO)
     def training_step(self) -> None:
         ppo = self.config.learner_config_dict["ppo"]
-        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+        # window=1: each iteration reports its own times (RLlib's default EMA would report a slow running mean).
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER), reduce="mean", window=1):
             episodes, runner_metrics = self._sample_responses(ppo["episodes_per_iteration"], ppo["group_size"])
             self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
-        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER), reduce="mean", window=1):
             lifetime = (LEARNER_RESULTS, ALL_MODULES, NUM_MODULE_STEPS_TRAINED_LIFETIME)
             results = self.learner_group.update(
                 training_data=ResponseShards(
@@ -60,7 +61,7 @@ class ResponsePPO(PPO):
                 shuffle_batch_per_epoch=False,
             )
             self.metrics.aggregate(results, key=LEARNER_RESULTS)
-        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER), reduce="mean", window=1):
             self.env_runner_group.sync_weights(
                 from_worker_or_learner_group=self.learner_group,
                 policies=set(results[0]) - {ALL_MODULES},

@@ -59,6 +59,8 @@ def test_two_iterations_change_every_parameter_and_stay_finite(run):
         for k in ("policy_loss", "vf_loss", "entropy", "kl_ref", "kl_coef", "rm_score", "gold_score", "ratio_max"):
             assert math.isfinite(r[k]), k
         assert r["episodes"] > 0 and r["rollout_tokens_per_s"] > 0 and r["learner_tokens_per_s"] > 0
+        # Each iteration's own sampling and learning times (not running means over earlier ones) fit in its time.
+        assert r["tokens"] / r["rollout_tokens_per_s"] + r["tokens"] / r["learner_tokens_per_s"] <= r["time_s"] + 1e-3
     initial, _ = load_causal_lm("tiny", tiny_vocab_size=64)
     state = module_state(latest_checkpoint(tmp / "run"))
     unchanged = [n for n, p in initial.named_parameters() if torch.equal(p, torch.as_tensor(state[f"lm.{n}"]))]
