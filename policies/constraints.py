@@ -1,28 +1,30 @@
 """Learner connector: constrained rewards (PPO-Lagrangian), one Lagrange multiplier per constraint.
 
 ``ppo.constraints`` maps reward parts to thresholds, ``E[part] >= threshold`` (for example
-``{reward_model.consistency: 0.0}``); the objective is the env's weighted reward. Each response's
-final reward becomes :func:`~policies.ppo_math.lagrangian_reward` of its objective and its
-constrained parts (read from the episode's :class:`~envs.text_env.ResponseInfo`) under the current
-multipliers. The connector records each constrained part's sum over the batch; after the update
-the Learner pools those across Learners and moves every multiplier one projected step
-(:func:`~policies.ppo_math.update_multipliers`), so all Learners keep the same multipliers, which
-are saved with the Learner's state like the KL coefficient.
+``{reward_model.consistency: 0.0}``); the objective is the env's weighted reward. Each iteration the
+connector first measures every constrained part's mean over the iteration's responses (read from
+each episode's :class:`~envs.text_env.ResponseInfo`, pooled across Learners), moves the multipliers
+by PI control (:func:`~policies.ppo_math.update_multipliers`), and only then replaces each
+response's final reward with :func:`~policies.ppo_math.lagrangian_reward` under those multipliers:
+the batch that measured a violation is already trained against it (as Safe-RLHF updates lambda
+before its actor loss), instead of one iteration later. Every Learner sees the same pooled means,
+so all keep the same multipliers; the Learner saves them (and their integrals) with its state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
 
-from policies.ppo_math import lagrangian_reward
+from policies.ppo_math import lagrangian_reward, update_multipliers
 
 
 class LagrangianReward(ConnectorV2):
-    """Replace each response's final reward with its Lagrangian; keep the constrained parts' batch sums."""
+    """Measure the constrained parts, step the multipliers, then write each response's Lagrangian reward."""
 
     def __init__(
         self,
@@ -30,34 +32,49 @@ class LagrangianReward(ConnectorV2):
         input_action_space=None,
         *,
         thresholds: dict[str, float],
-        multipliers: dict[str, float],
+        init: float,
+        kp: float,
+        ki: float,
+        all_reduce_sum: Callable[[list[float]], list[float]],
         **kwargs,
     ):
         super().__init__(input_observation_space, input_action_space, **kwargs)
-        self.thresholds, self.multipliers = thresholds, multipliers  # the Learner's dict: updated in place
-        self.sums: dict[str, float] = {}
-        self.responses = 0
+        self.thresholds, self.kp, self.ki, self.all_reduce_sum = thresholds, kp, ki, all_reduce_sum
+        self.integrals = {name: init for name in thresholds}
+        self.multipliers = {name: init for name in thresholds}
+        self.means: dict[str, float] = {}  # the last iteration's pooled E[part]
 
     @override(ConnectorV2)
     def __call__(self, *, rl_module, batch: dict[str, Any], episodes: list, **kwargs) -> Any:
         sa_episodes = list(self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False))
-        self.sums, self.responses = {name: 0.0 for name in self.thresholds}, len(sa_episodes)
+        infos = [episode.get_infos(-1) for episode in sa_episodes]
+        parts = [self._parts(info) for info in infos]
+        self._step(parts)
         for mbatch in batch.values():
             rewards = mbatch[Columns.REWARDS].clone()
             start = 0
-            for episode in sa_episodes:
-                info = episode.get_infos(-1)
+            for episode, info, values in zip(sa_episodes, infos, parts):
                 last = start + len(episode) - 2  # the response's last token (the row after it is the bootstrap row)
-                missing = set(self.thresholds) - set(info["reward_parts"])
-                if missing:
-                    raise ValueError(
-                        f"ppo.constraints names {sorted(missing)}, which the env does not report "
-                        f"(its reward parts: {sorted(info['reward_parts'])})"
-                    )
-                parts = {name: float(info["reward_parts"][name]) for name in self.thresholds}
-                rewards[last] = lagrangian_reward(float(info["reward"]), parts, self.multipliers, self.thresholds)
-                for name, value in parts.items():
-                    self.sums[name] += value
+                rewards[last] = lagrangian_reward(float(info["reward"]), values, self.multipliers, self.thresholds)
                 start += len(episode)
             mbatch[Columns.REWARDS] = rewards
         return batch
+
+    def _parts(self, info: dict[str, Any]) -> dict[str, float]:
+        """The constrained parts of one response's reward."""
+        missing = set(self.thresholds) - set(info["reward_parts"])
+        if missing:
+            raise ValueError(
+                f"ppo.constraints names {sorted(missing)}, which the env does not report "
+                f"(its reward parts: {sorted(info['reward_parts'])})"
+            )
+        return {name: float(info["reward_parts"][name]) for name in self.thresholds}
+
+    def _step(self, parts: list[dict[str, float]]) -> None:
+        """Pool each part's mean across Learners, then move every multiplier one PI step (in place)."""
+        names = list(self.thresholds)
+        *sums, n = self.all_reduce_sum([sum(p[name] for p in parts) for name in names] + [float(len(parts))])
+        self.means = {name: s / n if n else float("nan") for name, s in zip(names, sums)}
+        integrals, multipliers = update_multipliers(self.integrals, self.means, self.thresholds, self.kp, self.ki)
+        self.integrals.update(integrals)
+        self.multipliers.update(multipliers)

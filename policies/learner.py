@@ -36,7 +36,7 @@ from policies.constraints import LagrangianReward
 from policies.kl_shaping import REF_LOGP, KLStats, KLToReference
 from policies.lm_module import ENTROPY, LOGP, Critic
 from policies.minibatches import ResponseMinibatches, group_units
-from policies.ppo_math import KL_ESTIMATORS, KLController, masked_mean, pg_loss, update_multipliers, value_loss
+from policies.ppo_math import KL_ESTIMATORS, KLController, masked_mean, pg_loss, value_loss
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,12 @@ class PPOSettings(Settings):
     """Sampling temperature during rollouts (the learner's log-probs use the same one)."""
     constraints: dict[str, float] = Field(default_factory=dict)
     """Constrained RLHF (PPO-Lagrangian): reward part -> threshold, maximise the env's reward subject to E[part] >= threshold, e.g. {reward_model.consistency: 0.0}; one Lagrange multiplier per constraint."""
-    multiplier_lr: float = Field(0.5, gt=0)
-    """Learning rate of the Lagrange multipliers: lambda <- max(0, lambda + lr (threshold - E[part])) after every iteration."""
+    multiplier_init: float = Field(1.0, ge=0)
+    """Starting value of every Lagrange multiplier (Safe-RLHF's lambda_init): 1 weighs a constraint like the objective from the first iteration, before any violation is measured."""
+    multiplier_lr: float = Field(3.0, gt=0)
+    """Integral gain of the multipliers (the plain update's learning rate): I <- max(0, I + lr e) every iteration, e = threshold - E[part] measured on that iteration's responses."""
+    multiplier_kp: float = Field(3.0, ge=0)
+    """Proportional gain: lambda = max(0, I + kp e), so a violation weighs at once and no more than while it lasts (PI control, Stooke et al. 2020); 0 = the plain gradient-ascent update."""
     top_k: int = 0
     """Must stay 0 for training (see top_p); serving takes top-k/top-p per request."""
     top_p: float = 1.0
@@ -153,8 +157,13 @@ class LMPPOLearner(PPOTorchLearner):
         self._minibatch = 0
         for module_id in self.module.keys():  # the entropy is only a metric unless the bonus is on
             self.module[module_id].unwrapped().entropy_grad = _nonzero(self.config.entropy_coeff)
-        self.multipliers = {name: 0.0 for name in p.constraints}
-        self.constraint_connector = LagrangianReward(thresholds=dict(p.constraints), multipliers=self.multipliers)
+        self.constraint_connector = LagrangianReward(
+            thresholds=dict(p.constraints),
+            init=p.multiplier_init,
+            kp=p.multiplier_kp,
+            ki=p.multiplier_lr,
+            all_reduce_sum=self._all_reduce_sum,
+        )
         shaping = KL_ESTIMATORS[p.kl_estimator] if p.kl_in == "reward" else None
         self.kl_connector = KLToReference(controller=self.kl_controller, shaping=shaping)
         self.gae_connector = TokenGAE(gamma=self.config.gamma, lambda_=self.config.lambda_)
@@ -291,7 +300,7 @@ class LMPPOLearner(PPOTorchLearner):
     def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
         super().after_gradient_based_update(timesteps=timesteps)
         kl = pooled_kl(self.kl_connector.last, self._all_reduce_sum)
-        constraint_means = self._update_multipliers()
+        constraints = self.constraint_connector  # no multipliers, no means without ppo.constraints
         coef_used = self.kl_controller.coef
         self.kl_controller.update(kl)
         for module_id in self.module.keys():
@@ -303,23 +312,12 @@ class LMPPOLearner(PPOTorchLearner):
                     "kl_target": self.settings.kl_target,
                     "kl_ref_k3": self.kl_connector.last.kl_k3_sum / max(self.kl_connector.last.responses, 1),
                     "vf_explained_var": self.gae_connector.explained_variance,
-                    **{f"multiplier.{n}": lam for n, lam in self.multipliers.items()},
-                    **{f"constraint.{n}": v for n, v in constraint_means.items()},
+                    **{f"multiplier.{n}": lam for n, lam in constraints.multipliers.items()},
+                    **{f"constraint.{n}": v for n, v in constraints.means.items()},
                 },
                 key=module_id,
                 window=1,
             )
-
-    def _update_multipliers(self) -> dict[str, float]:
-        """Pool each constrained part's mean across Learners, then move every multiplier one projected step."""
-        names = list(self.multipliers)
-        if not names:
-            return {}
-        c = self.constraint_connector
-        *sums, n = self._all_reduce_sum([c.sums.get(name, 0.0) for name in names] + [float(c.responses)])
-        means = {name: s / n if n else float("nan") for name, s in zip(names, sums)}
-        self.multipliers.update(update_multipliers(self.multipliers, means, c.thresholds, self.settings.multiplier_lr))
-        return means
 
     def _all_reduce_sum(self, values: list[float]) -> list[float]:
         """Sum values over all Learners (identity with one), so every Learner sees the same totals."""
@@ -334,7 +332,8 @@ class LMPPOLearner(PPOTorchLearner):
         state = super().get_state(components, not_components=not_components, **kwargs)
         state["kl_controller"] = {"coef": self.kl_controller.coef}
         state["minibatch_updates"] = self._updates
-        state["multipliers"] = dict(self.multipliers)
+        state["multipliers"] = dict(self.constraint_connector.multipliers)
+        state["multiplier_integrals"] = dict(self.constraint_connector.integrals)
         return state
 
     @override(PPOTorchLearner)
@@ -343,7 +342,9 @@ class LMPPOLearner(PPOTorchLearner):
         if "kl_controller" in state:
             self.kl_controller.coef = float(state["kl_controller"]["coef"])
         self._updates = int(state.get("minibatch_updates", self._updates))
-        self.multipliers.update(state.get("multipliers", {}))  # in place: the connector holds this dict
+        c = self.constraint_connector
+        c.multipliers.update(state.get("multipliers", {}))
+        c.integrals.update(state.get("multiplier_integrals", state.get("multipliers", {})))  # older: lambda = I
 
 
 def pooled_kl(stats: KLStats, all_reduce_sum) -> float:

@@ -149,10 +149,16 @@ def lagrangian_reward(
 
 
 def update_multipliers(
-    multipliers: dict[str, float], means: dict[str, float], thresholds: dict[str, float], lr: float
-) -> dict[str, float]:
-    """One projected step of each multiplier: ``lambda <- max(0, lambda + lr (b - E[part]))`` (rises while violated)."""
-    return {
-        name: max(0.0, lam + lr * (thresholds[name] - means[name])) if np.isfinite(means[name]) else lam
-        for name, lam in multipliers.items()
-    }
+    integrals: dict[str, float], means: dict[str, float], thresholds: dict[str, float], kp: float, ki: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """PI control of each Lagrange multiplier from its constraint's measured ``E[part]`` (Stooke et al. 2020).
+
+    With the error ``e = b - E[part]`` (> 0 while violated):
+    ``I <- max(0, I + ki e)`` (the integral: projected gradient ascent on lambda, the plain update) and
+    ``lambda = max(0, I + kp e)`` (the proportional term reacts to this measurement at once, and leaves
+    nothing behind when the constraint is met again). ``kp = 0`` is the plain update, ``lambda = I``.
+    A nan mean (no responses) leaves the integral where it is, and ``lambda = I``. Returns ``(integrals, multipliers)``.
+    """
+    errors = {name: thresholds[name] - means[name] if np.isfinite(means[name]) else 0.0 for name in integrals}
+    new = {name: max(0.0, i + ki * errors[name]) for name, i in integrals.items()}
+    return new, {name: max(0.0, i + kp * errors[name]) for name, i in new.items()}

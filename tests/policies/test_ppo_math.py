@@ -120,12 +120,26 @@ def test_lagrangian_reward_and_multiplier_steps_by_hand():
     # objective 1.0, safety part 0.2 under threshold 0.5 with lambda 1: (1 + 1 * (0.2 - 0.5)) / (1 + 1) = 0.35
     assert lagrangian_reward(1.0, {"safety": 0.2}, {"safety": 1.0}, {"safety": 0.5}) == pytest.approx(0.35)
     assert lagrangian_reward(1.0, {"safety": 0.2}, {"safety": 0.0}, {"safety": 0.5}) == pytest.approx(1.0)  # inactive
-    # violated (mean 0.2 < 0.5): lambda rises by lr * 0.3; satisfied (0.9): it falls, and never below 0
-    assert update_multipliers({"safety": 1.0}, {"safety": 0.2}, {"safety": 0.5}, lr=2.0) == {
-        "safety": pytest.approx(1.6)
-    }
-    assert update_multipliers({"safety": 1.0}, {"safety": 0.9}, {"safety": 0.5}, lr=2.0) == {
-        "safety": pytest.approx(0.2)
-    }
-    assert update_multipliers({"safety": 0.1}, {"safety": 0.9}, {"safety": 0.5}, lr=2.0) == {"safety": 0.0}
-    assert update_multipliers({"safety": 0.7}, {"safety": float("nan")}, {"safety": 0.5}, lr=2.0) == {"safety": 0.7}
+    b = {"safety": 0.5}
+
+    def step(integral, mean, kp):
+        i, lam = update_multipliers({"safety": integral}, {"safety": mean}, b, kp=kp, ki=2.0)
+        return pytest.approx((i["safety"], lam["safety"]))
+
+    # plain update (kp 0), lambda = I: violated (mean 0.2, e = 0.3) it rises by 2 * 0.3; satisfied (0.9, e = -0.4)
+    # it falls by 0.8, and never below 0
+    assert step(1.0, 0.2, kp=0.0) == (1.6, 1.6)
+    assert step(1.0, 0.9, kp=0.0) == (0.2, 0.2)
+    assert step(0.1, 0.9, kp=0.0) == (0.0, 0.0)
+    # PI, kp 3: violated, I = 1.6 and lambda = 1.6 + 3 * 0.3 = 2.5 at once; satisfied, I = 0.2 and
+    # lambda = max(0, 0.2 - 3 * 0.4) = 0: the multiplier falls to zero while the integral keeps 0.2
+    assert step(1.0, 0.2, kp=3.0) == (1.6, 2.5)
+    assert step(1.0, 0.9, kp=3.0) == (0.2, 0.0)
+    # violated then exactly met (e = 0): I = 0.6, lambda 0.6 + 0.9 = 1.5, then I stays 0.6 and lambda = 0.6
+    assert step(0.0, 0.2, kp=3.0) == (0.6, 1.5)
+    assert step(0.6, 0.5, kp=3.0) == (0.6, 0.6)
+    # no responses (nan): the integral stays, lambda = I
+    assert step(0.7, float("nan"), kp=3.0) == (0.7, 0.7)
+    # constraints move independently
+    i, lam = update_multipliers({"a": 1.0, "b": 0.0}, {"a": 0.2, "b": 0.9}, {"a": 0.5, "b": 0.5}, kp=3.0, ki=2.0)
+    assert (i, lam) == ({"a": pytest.approx(1.6), "b": 0.0}, {"a": pytest.approx(2.5), "b": 0.0})
