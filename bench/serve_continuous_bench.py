@@ -8,13 +8,16 @@ alternate between the two so other load on the machine hits both alike.
 
 1. Closed loop: ``--clients`` clients each send one request after another for ``--duration``
    seconds (static batching's best case: full batches). Reported: requests/s, p50/p99 latency.
+   With ``--capacity streamed`` (the default) the static server is also driven this way with
+   streamed requests, the kind the next step sends (a token at a time costs the server more).
 2. Staggered load: Poisson arrivals at ``--load`` (0.7) times the static server's closed-loop
-   requests/s from step 1, the same arrival times for both, streamed, for ``--poisson-duration``
-   seconds (requests of the first ``--warmup`` seconds are not counted). Reported: throughput
-   (completed requests / time from first arrival to last completion), mean and p99 time to first
-   token, p50/p99 latency.
+   requests/s from step 1 (streamed, unless ``--capacity plain``), the same arrival times for
+   both, streamed, for ``--poisson-duration`` seconds (requests of the first ``--warmup`` seconds
+   are not counted). Reported: throughput (completed requests / time from first arrival to last
+   completion), mean and p99 time to first token, p50/p99 latency, and the generation loop's mean
+   rows per step and time per step (model, sampling and hand-over, from ``/healthz``).
 
-    python bench/serve_continuous_bench.py                       # SmolLM2: about 12 minutes
+    python bench/serve_continuous_bench.py                       # SmolLM2: about 14 minutes
     python bench/serve_continuous_bench.py --model tiny --duration 10 --poisson-duration 15 --rounds 1
 """
 
@@ -48,6 +51,36 @@ async def one_streamed(client: httpx.AsyncClient, url: str, body: dict) -> tuple
     return (first - t0, time.perf_counter() - t0) if first else None
 
 
+async def drive_streamed(url: str, model: str, clients: int, tokens: int, duration: float, warmup: float) -> dict:
+    """Closed-loop load like :func:`serve_bench.drive`, every request streamed."""
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + duration
+
+    async def worker(i: int, client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        k = 0
+        while time.perf_counter() < stop_at:
+            body = {"model": model, "prompt": PROMPTS[(i + k) % len(PROMPTS)], "max_tokens": tokens}
+            body |= {"temperature": 0.8, "seed": i * 1000 + k, "ignore_eos": True}
+            result = await one_streamed(client, url, body)
+            k += 1
+            if result is None:
+                errors += 1
+            elif measure_from <= time.perf_counter() <= stop_at:  # completed inside the window
+                latencies.append(result[1])
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        tasks = [asyncio.create_task(worker(i, client)) for i in range(clients)]
+        await asyncio.wait(tasks, timeout=stop_at - time.perf_counter())
+        for task in tasks:  # requests still running past the window do not count: drop them
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {"latencies": latencies, "errors": errors, "duration": duration}
+
+
 async def poisson(url: str, model: str, rate: float, tokens: int, duration: float, warmup: float, seed: int) -> dict:
     """Open-loop Poisson arrivals at `rate` per second for `duration` seconds; every request streamed."""
     rng = random.Random(seed)
@@ -79,6 +112,12 @@ async def poisson(url: str, model: str, rate: float, tokens: int, duration: floa
     }
 
 
+def loop_stats(url: str) -> dict:
+    """The generation loop's counters that the Poisson summary turns into rows per step and time per step."""
+    stats = httpx.get(url + "/healthz").json()["batching"]
+    return {k: stats[k] for k in ("steps", "row_steps", "step_seconds")}
+
+
 def poisson_summary(runs: list[dict]) -> dict:
     """Merge Poisson rounds into one row."""
     ttft = [x for r in runs for x in r["ttft"]]
@@ -91,6 +130,10 @@ def poisson_summary(runs: list[dict]) -> dict:
         "p99_ttft_s": percentile(ttft, 0.99),
         "p50_latency_s": statistics.median(latency),
         "p99_latency_s": percentile(latency, 0.99),
+        "mean_rows": sum(r["loop"]["row_steps"] for r in runs) / max(1, sum(r["loop"]["steps"] for r in runs)),
+        "ms_per_step": 1000
+        * sum(r["loop"]["step_seconds"] for r in runs)
+        / max(1, sum(r["loop"]["steps"] for r in runs)),
     }
 
 
@@ -107,7 +150,7 @@ def start(args: argparse.Namespace) -> tuple[dict[str, str], str]:
     return start_apps(args, {mode: [f"serve.batching={mode}"] for mode in MODES}, common)
 
 
-def report(closed: dict, open_: dict, rate: float, args) -> dict:
+def report(closed: dict, open_: dict, rate: float, args, streamed: dict | None = None) -> dict:
     """Print both tables and the ratios the issue sets targets for; return the ratios."""
     print(
         f"\nmodel {args.model} ({args.dtype}), {args.tokens}-token completions, {args.threads} torch thread(s) per replica"
@@ -119,12 +162,20 @@ def report(closed: dict, open_: dict, rate: float, args) -> dict:
             f"  {mode:<11} {r['requests_per_s']:7.2f} {r['p50_latency_s']:7.2f} {r['p99_latency_s']:7.2f} "
             f"{r['mean_rows']:9.1f} {r['requests']:5d} {r['errors']:4d}"
         )
-    print(f"Poisson arrivals at {rate:.2f} req/s ({args.load:.0%} of static's closed-loop req/s), streamed:")
-    print(f"  {'mode':<11} {'req/s':>7} {'TTFT':>7} {'p99TTFT':>7} {'p50 s':>7} {'p99 s':>7} {'n':>5} {'err':>4}")
+    for mode, r in (streamed or {}).items():
+        print(
+            f"  {mode + ' sse':<11} {r['requests_per_s']:7.2f} {r['p50_latency_s']:7.2f} "
+            f"{r['p99_latency_s']:7.2f} {'':>9} {r['requests']:5d} {r['errors']:4d}"
+        )
+    kind = "streamed " if streamed else ""
+    print(f"Poisson arrivals at {rate:.2f} req/s ({args.load:.0%} of static's {kind}closed-loop req/s), streamed:")
+    head = f"{'req/s':>7} {'TTFT':>7} {'p99TTFT':>7} {'p50 s':>7} {'p99 s':>7} {'rows':>5} {'ms/step':>7}"
+    print(f"  {'mode':<11} {head} {'n':>5} {'err':>4}")
     for mode, r in open_.items():
         print(
             f"  {mode:<11} {r['throughput_req_s']:7.2f} {r['mean_ttft_s']:7.3f} {r['p99_ttft_s']:7.2f} "
-            f"{r['p50_latency_s']:7.2f} {r['p99_latency_s']:7.2f} {r['requests']:5d} {r['errors']:4d}"
+            f"{r['p50_latency_s']:7.2f} {r['p99_latency_s']:7.2f} {r['mean_rows']:5.1f} {r['ms_per_step']:7.1f} "
+            f"{r['requests']:5d} {r['errors']:4d}"
         )
     c, s, pc, ps = closed["continuous"], closed["static"], open_["continuous"], open_["static"]
     ratios = {
@@ -154,6 +205,12 @@ def main() -> None:
     )
     p.add_argument("--load", type=float, default=0.7, help="Poisson rate as a share of static's closed-loop req/s")
     p.add_argument("--rate", type=float, default=None, help="Poisson rate in req/s (default: --load x static capacity)")
+    p.add_argument(
+        "--capacity",
+        default="streamed",
+        choices=["streamed", "plain"],
+        help="static's capacity for the Poisson rate: closed loop with streamed requests (also measured) or plain ones",
+    )
     p.add_argument("--rounds", type=int, default=2, help="alternate the two modes this many times")
     p.add_argument("--cpus", type=float, default=1.0, help="CPUs (Ray resource) per replica")
     p.add_argument("--threads", type=int, default=1, help="torch threads per replica (same for both)")
@@ -169,6 +226,7 @@ def main() -> None:
 
     urls, model = start(args)
     closed_runs: dict[str, list] = {m: [] for m in MODES}
+    streamed_runs: list = []
     open_runs: dict[str, list] = {m: [] for m in MODES}
     try:
         for round_ in range(args.rounds):
@@ -177,16 +235,27 @@ def main() -> None:
                 run = asyncio.run(drive(urls[mode], model, args.clients, args.tokens, args.duration, args.warmup))
                 closed_runs[mode].append(run)
                 print(f"  {len(run['latencies']) / args.duration:.2f} req/s", flush=True)
+            if args.capacity == "streamed":
+                print(f"round {round_ + 1}/{args.rounds}: closed loop, static, streamed", flush=True)
+                run = asyncio.run(
+                    drive_streamed(urls["static"], model, args.clients, args.tokens, args.duration, args.warmup)
+                )
+                streamed_runs.append(run)
+                print(f"  {len(run['latencies']) / args.duration:.2f} req/s", flush=True)
         closed = {m: summarize(closed_runs[m], args.tokens) for m in MODES}
         for mode in MODES:
             closed[mode]["mean_rows"] = httpx.get(urls[mode] + "/healthz").json()["batching"]["mean_rows"]
-        rate = args.rate or args.load * closed["static"]["requests_per_s"]
+        streamed = {"static": summarize(streamed_runs, args.tokens)} if streamed_runs else {}
+        capacity = (streamed or closed)["static"]["requests_per_s"]
+        rate = args.rate or args.load * capacity
         for round_ in range(args.rounds):
             for mode in MODES:
                 print(f"round {round_ + 1}/{args.rounds}: Poisson {rate:.2f} req/s, {mode}", flush=True)
+                before = loop_stats(urls[mode])
                 run = asyncio.run(
                     poisson(urls[mode], model, rate, args.tokens, args.poisson_duration, args.warmup, seed=round_)
                 )
+                run["loop"] = {k: v - before[k] for k, v in loop_stats(urls[mode]).items()}
                 open_runs[mode].append(run)
                 print(
                     f"  mean TTFT {statistics.fmean(run['ttft']):.3f} s, p99 {percentile(run['latency'], 0.99):.2f} s",
@@ -196,13 +265,10 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    ratios = report(closed, open_, rate, args)
+    ratios = report(closed, open_, rate, args, streamed)
     if args.out:
-        Path(args.out).write_text(
-            json.dumps(
-                {"args": vars(args), "closed_loop": closed, "poisson": open_, "rate": rate, "ratios": ratios}, indent=2
-            )
-        )
+        out = {"args": vars(args), "closed_loop": closed, "closed_loop_streamed": streamed, "poisson": open_}
+        Path(args.out).write_text(json.dumps(out | {"rate": rate, "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":

@@ -253,6 +253,8 @@ class BatchStats(BaseModel):
     """Sequences decoded, summed over steps."""
     max_rows: int = 0
     """Most sequences decoded together in one step."""
+    step_seconds: float = 0.0
+    """Time spent in decoding steps (model, sampling, handing the tokens over), summed over steps."""
     mean_rows: float = 0.0
     """Mean sequences per decoding step (batch occupancy x max_batch_size)."""
     running: int = 0

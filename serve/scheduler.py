@@ -94,6 +94,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.queued = 0  # sequences in `waiting`
         self._sequence_s = 1.0  # running mean of a sequence's time in the batch, for Retry-After
+        self.flush_hooks: list[Callable[[], None]] = []
+        """Called on the loop's thread after each iteration (and at stop), once the items of that iteration are sent."""
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -146,11 +148,18 @@ class Scheduler:
     # ---- one iteration (the loop's thread) --------------------------------------------------------
 
     def run_once(self) -> bool:
-        """Retire, admit, decode one step and emit; False when there was nothing to run."""
+        """Retire, admit, decode one step, emit and flush; False when there was nothing to run."""
+        try:
+            return self._iterate()
+        finally:
+            self._flush()
+
+    def _iterate(self) -> bool:
         self._retire()
         admitted = self._take(time.perf_counter())
         if not self.rows and not admitted:
             return False
+        start = time.perf_counter()
         try:
             new = self._decode(admitted)
         except Exception as err:  # noqa: BLE001 - handed to every request of the batch
@@ -159,8 +168,18 @@ class Scheduler:
             self._fail(failed, err)
             return True
         self._emit(new)
+        self.counts.step_seconds += time.perf_counter() - start
         self._report()
         return True
+
+    def _flush(self) -> None:
+        """Call the flush hooks; one that fails (e.g. its event loop has closed) is logged and dropped."""
+        for hook in list(self.flush_hooks):
+            try:
+                hook()
+            except Exception:  # noqa: BLE001
+                logger.warning("a flush hook failed; dropping it", exc_info=True)
+                self.flush_hooks.remove(hook)
 
     def _report(self) -> None:
         """Call the on_step hook (metrics); its failures are logged, never fatal to the loop."""
@@ -297,6 +316,7 @@ class Scheduler:
         with self._cv:
             waiting, self.waiting, self.queued = list(self.waiting), deque(), 0
         self._fail({r.request for r in self.rows} | set(waiting), RuntimeError("the server is shutting down"))
+        self._flush()
 
 
 def stream(engine: GenerationEngine, jobs: list[GenerationJob]) -> Iterator[Step]:
