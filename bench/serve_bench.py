@@ -20,6 +20,7 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -40,8 +41,19 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-async def drive(url: str, model: str, clients: int, tokens: int, duration: float, warmup: float) -> dict:
-    """Closed-loop load: `clients` workers, each sending one request after another."""
+async def post_plain(client: httpx.AsyncClient, url: str, body: dict) -> float | None:
+    """Latency of one whole (non-streamed) completion, or None if it failed or came back short."""
+    t0 = time.perf_counter()
+    r = await client.post(url + "/v1/completions", json=body)
+    if r.status_code != 200 or r.json()["usage"]["completion_tokens"] != body["max_tokens"]:
+        return None
+    return time.perf_counter() - t0
+
+
+async def drive(
+    url: str, model: str, clients: int, tokens: int, duration: float, warmup: float, send: Callable = post_plain
+) -> dict:
+    """Closed-loop load: `clients` workers, each sending one request after another (`send` -> latency or None)."""
     latencies: list[float] = []
     errors = 0
     start = time.perf_counter()
@@ -51,22 +63,14 @@ async def drive(url: str, model: str, clients: int, tokens: int, duration: float
         nonlocal errors
         k = 0
         while time.perf_counter() < stop_at:
-            body = {
-                "model": model,
-                "prompt": PROMPTS[(i + k) % len(PROMPTS)],
-                "max_tokens": tokens,
-                "temperature": 0.8,
-                "seed": i * 1000 + k,
-                "ignore_eos": True,
-            }
-            t0 = time.perf_counter()
-            r = await client.post(url + "/v1/completions", json=body)
-            t1 = time.perf_counter()
+            body = {"model": model, "prompt": PROMPTS[(i + k) % len(PROMPTS)], "max_tokens": tokens}
+            body |= {"temperature": 0.8, "seed": i * 1000 + k, "ignore_eos": True}
+            latency = await send(client, url, body)
             k += 1
-            if r.status_code != 200 or r.json()["usage"]["completion_tokens"] != tokens:
+            if latency is None:
                 errors += 1
-            elif measure_from <= t1 <= stop_at:  # completed inside the window
-                latencies.append(t1 - t0)
+            elif measure_from <= time.perf_counter() <= stop_at:  # completed inside the window
+                latencies.append(latency)
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:

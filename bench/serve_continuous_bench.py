@@ -51,34 +51,10 @@ async def one_streamed(client: httpx.AsyncClient, url: str, body: dict) -> tuple
     return (first - t0, time.perf_counter() - t0) if first else None
 
 
-async def drive_streamed(url: str, model: str, clients: int, tokens: int, duration: float, warmup: float) -> dict:
-    """Closed-loop load like :func:`serve_bench.drive`, every request streamed."""
-    latencies: list[float] = []
-    errors = 0
-    start = time.perf_counter()
-    measure_from, stop_at = start + warmup, start + warmup + duration
-
-    async def worker(i: int, client: httpx.AsyncClient) -> None:
-        nonlocal errors
-        k = 0
-        while time.perf_counter() < stop_at:
-            body = {"model": model, "prompt": PROMPTS[(i + k) % len(PROMPTS)], "max_tokens": tokens}
-            body |= {"temperature": 0.8, "seed": i * 1000 + k, "ignore_eos": True}
-            result = await one_streamed(client, url, body)
-            k += 1
-            if result is None:
-                errors += 1
-            elif measure_from <= time.perf_counter() <= stop_at:  # completed inside the window
-                latencies.append(result[1])
-
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        tasks = [asyncio.create_task(worker(i, client)) for i in range(clients)]
-        await asyncio.wait(tasks, timeout=stop_at - time.perf_counter())
-        for task in tasks:  # requests still running past the window do not count: drop them
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return {"latencies": latencies, "errors": errors, "duration": duration}
+async def post_streamed(client: httpx.AsyncClient, url: str, body: dict) -> float | None:
+    """Latency of one streamed completion, or None if it failed (for :func:`serve_bench.drive`)."""
+    result = await one_streamed(client, url, body)
+    return None if result is None else result[1]
 
 
 async def poisson(url: str, model: str, rate: float, tokens: int, duration: float, warmup: float, seed: int) -> dict:
@@ -220,6 +196,10 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8766)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args()
+    if args.warmup >= args.poisson_duration:
+        p.error(
+            f"--poisson-duration ({args.poisson_duration}) must exceed --warmup ({args.warmup}): nothing would be measured"
+        )
 
     import ray
     from ray import serve
@@ -238,7 +218,7 @@ def main() -> None:
             if args.capacity == "streamed":
                 print(f"round {round_ + 1}/{args.rounds}: closed loop, static, streamed", flush=True)
                 run = asyncio.run(
-                    drive_streamed(urls["static"], model, args.clients, args.tokens, args.duration, args.warmup)
+                    drive(urls["static"], model, args.clients, args.tokens, args.duration, args.warmup, post_streamed)
                 )
                 streamed_runs.append(run)
                 print(f"  {len(run['latencies']) / args.duration:.2f} req/s", flush=True)
