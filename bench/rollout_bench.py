@@ -64,7 +64,9 @@ def make_runner(cfg, batch: int):
     from policies.algo import build_ppo_config
     from policies.env_runner import ResponseEnvRunner
 
-    return ResponseEnvRunner(config=build_ppo_config(cfg, cfg.run.seed).env_runners(num_envs_per_env_runner=batch))
+    return ResponseEnvRunner(
+        config=build_ppo_config(cfg, cfg.run.seed).env_runners(num_envs_per_env_runner=batch), worker_index=0
+    )
 
 
 def runner_tokens_per_s(runner, batch: int) -> float:
