@@ -32,7 +32,8 @@ def policy_from_state(state: dict[str, Any], settings: ModuleSettings, adapter_d
     if m.lora.rank > 0:
         if adapter_dir is not None:
             model.peft_config["default"].base_model_name_or_path = m.policy
-            model.save_pretrained(str(adapter_dir))
+            # Adapters sit on linear layers only; peft's "auto" would ask the Hub whether the base resized its embeddings.
+            model.save_pretrained(str(adapter_dir), save_embedding_layers=False)
             tok.save_pretrained(str(adapter_dir))
         model = model.merge_and_unload()
     return model.eval(), tok
