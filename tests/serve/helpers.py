@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 import urllib.request
 
 import httpx
 import ray
 
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.fixtures.ports import free_port  # noqa: F401 - re-exported for the serve tests
 
 
 def start_ray(num_cpus: int = 4, fast_metrics: bool = False) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 from sqlalchemy import create_engine
 
@@ -14,6 +12,7 @@ from serve.labelling.candidates import GenerationSpec
 from serve.labelling.schema import metadata
 from serve.labelling.settings import FeedbackSettings
 from serve.labelling.store import LabelStore
+from tests.fixtures.ports import free_port
 from tests.fixtures.postgres import postgres_url
 
 
@@ -62,13 +61,6 @@ def store_for(db_url):
 
 ADMIN_KEY = "admin-key-for-tests"
 PROMPTS = ["the film was", "this movie is", "the acting in it", "the story and the music"]
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="package")  # this directory is a package so that Ray stops after its last test
