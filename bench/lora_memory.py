@@ -7,7 +7,8 @@ optimizer) and runs ``updates`` PPO updates on the episodes with the preset's mi
 kernel's high-water mark of the process (``ru_maxrss``); learner peak = peak - baseline. PyTorch keeps no
 allocator peak on the CPU, so RSS is what there is; it includes the glibc heap the learner touched.
 
-    python bench/lora_memory.py                      # SmolLM2, demo vs lora presets, 32 episodes x 24 tokens
+    python bench/lora_memory.py                      # SmolLM2: demo and lora presets, each without and with
+                                                     # gradient checkpointing, 32 episodes x 24 tokens
     python bench/lora_memory.py --model tiny --episodes 8
 """
 
@@ -43,10 +44,13 @@ def peak_mb() -> float:
 
 
 def preset(name: str, args) -> object:
+    """A variant 'PRESET[:KEY=VALUE,...]' sized for the measurement."""
     # The rewards do not matter to memory: a length reward keeps the reward model out of every process.
+    name, _, extra = name.partition(":")
     return load_config(
         name,
         [
+            *filter(None, extra.split(",")),
             f"model.policy={args.model}",
             f"env.max_new_tokens={args.max_new_tokens}",
             "env.reward={length: 1.0}",
@@ -113,7 +117,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--updates", type=int, default=2, help="PPO updates per process (the first allocates Adam's state)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--presets", nargs="+", default=["demo", "lora"])
+    ap.add_argument(
+        "--presets",
+        nargs="+",
+        default=["demo", "lora", "lora:model.gradient_checkpointing=true", "demo:model.gradient_checkpointing=true"],
+        help="variants PRESET[:KEY=VALUE,...]; the first is the baseline of the ratios",
+    )
     ap.add_argument("--sample", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--file", default=None, help=argparse.SUPPRESS)

@@ -61,6 +61,8 @@ class ModelSettings(Settings):
     """Vocabulary size of the tiny test model (only used when policy='tiny')."""
     lora: LoraSettings = Field(default_factory=LoraSettings)
     """LoRA adapters (rank 0 = off)."""
+    gradient_checkpointing: bool = False
+    """Learner only: keep each decoder layer's input and recompute the rest in the backward pass (far less memory, about a third more compute; the prompts' shared prefix is then run per response)."""
 
 
 class ModelLoadError(RuntimeError):

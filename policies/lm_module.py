@@ -80,6 +80,8 @@ class LMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         if self.inference_only:
             self.eval()  # EnvRunners only sample: no train/eval toggling of every submodule per step
             return
+        if m.gradient_checkpointing:  # non-reentrant: frozen embeddings (LoRA) need no input-grad hook
+            self.lm.activation_checkpointing_enable({"use_reentrant": False})
         if self.settings.critic != "none":
             self.vf_head = nn.Linear(self.lm.config.get_text_config().hidden_size, 1)
             nn.init.zeros_(self.vf_head.weight)

@@ -10,7 +10,8 @@ The groups of an RLHF batch share a long prefix (the chat template's system turn
 instruction: 36 of SmolLM2's ~61 prompt tokens). That prefix goes through the model once, with
 gradient, and its keys/values are broadcast to every group, so each group runs only its own
 suffix; the broadcast's backward sums the groups' gradients into the one prefix pass, so the
-gradient is the one of separate passes.
+gradient is the one of separate passes. Under gradient checkpointing (a layer's forward is replayed
+in the backward) the model may not write a cache, so each group then runs its whole sequence.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ def shared_prefix_len(packing: Packing) -> int:
     return min(int(same.sum()), int(packing.pos.min()))
 
 
+def checkpointing(lm) -> bool:
+    """True when this forward will be checkpointed (Hugging Face then drops any cache the layers would write)."""
+    return bool(getattr(lm, "is_activation_checkpointing", False)) and lm.training and torch.is_grad_enabled()
+
+
 def packed_logits(lm, packing: Packing, with_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (N, V) of every row from one causal pass per group, through the model's own forward.
 
@@ -86,7 +92,7 @@ def packed_logits(lm, packing: Packing, with_hidden: bool = False) -> tuple[torc
     G, T = packing.seqs.shape
     device = packing.seqs.device
     k = shared_prefix_len(packing)
-    k = k if k >= MIN_SHARED_PREFIX else 0
+    k = k if k >= MIN_SHARED_PREFIX and not checkpointing(lm) else 0
     attention = torch.arange(T, device=device)[None, :] < packing.seq_lens[:, None]  # (G, T)
     keep = torch.zeros(G, T, dtype=torch.bool, device=device)
     keep[packing.group, packing.pos] = True

@@ -116,3 +116,38 @@ def test_no_shared_prefix_past_the_first_read_position():
     assert shared_prefix_len(pack_rows(ids, lengths)) == 3  # but row 0 reads position 3: its output must be computed
     ids, lengths = rows([[5, 6, 7, 8, 9, 10, 11]])
     assert shared_prefix_len(pack_rows(ids, lengths)) == 0  # one group: nothing to share
+
+
+def test_gradient_checkpointing_keeps_log_probs_and_adapter_gradients():
+    """model.gradient_checkpointing on a LoRA learner: same log-probs and adapter gradients, shared prefix run per group."""
+    from envs.models import LoraSettings, ModelSettings
+    from policies.packing import checkpointing
+    from tests.fixtures.modules import VOCAB
+
+    ctx, actions = shared_prefix_rows()
+    width = max(map(len, ctx))
+    ids = torch.zeros(len(ctx), width, dtype=torch.long)
+    for i, c in enumerate(ctx):
+        ids[i, : len(c)] = torch.tensor(c)
+    batch = {Columns.OBS: {"input_ids": ids, "length": torch.tensor([len(c) for c in ctx])}, Columns.ACTIONS: actions}
+
+    def grads(on: bool):
+        torch.manual_seed(0)  # the same adapter initialisation for both modules
+        model = ModelSettings(
+            policy="tiny", tiny_vocab_size=VOCAB, lora=LoraSettings(rank=4), gradient_checkpointing=on
+        )
+        m = tiny_module(width, model=model, critic="none")
+        logp = m.forward_train(batch)[LOGP]
+        assert checkpointing(m.lm) is on  # forward_train put the module in training mode
+        logp.sum().backward()
+        named = {n: p.grad for n, p in m.lm.named_parameters() if p.requires_grad}
+        assert all("lora_" in n for n in named) and all(g is not None for g in named.values())
+        return logp.detach(), named
+
+    plain_logp, plain = grads(False)
+    ckpt_logp, ckpt = grads(True)
+    torch.testing.assert_close(ckpt_logp, plain_logp, atol=1e-5, rtol=1e-5)
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], atol=1e-5, rtol=1e-4)
+    assert sum(g.abs().sum() for g in ckpt.values()) > 0
