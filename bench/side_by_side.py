@@ -9,8 +9,8 @@ gain, KL to the reference, distinct-2). Runs:
 
 | run | what |
 |---|---|
-| ``trl_grpo`` | ``bench/trl_grpo.py``: TRL's ``GRPOTrainer``, k3 KL in the loss (TRL's only placement) |
-| ``alignray_grpo`` | ``alignray train``: ``ppo.advantage_estimator=grpo ppo.group_size=K ppo.kl_in=loss ppo.kl_estimator=k3`` |
+| ``trl_grpo`` | ``bench/trl_grpo.py``: TRL's ``GRPOTrainer``, k3 KL times the importance ratio in the loss (TRL's only placement) |
+| ``alignray_grpo`` | ``alignray train``: ``ppo.advantage_estimator=grpo ppo.group_size=K ppo.kl_in=loss ppo.kl_estimator=k2`` (the same KL gradient as TRL's at ratio 1) |
 | ``alignray_gae`` | ``ppo.advantage_estimator=gae`` (PPO with the critic, one response per prompt) |
 | ``alignray_rloo`` | ``ppo.advantage_estimator=rloo ppo.group_size=K`` |
 | ``alignray_ppo`` | today's recipe with no new keys (not run by default; ``--runs`` adds it) |
@@ -77,7 +77,7 @@ RUNS = {
             "alignray_grpo",
             "alignray grpo",
             "alignray",
-            ["ppo.advantage_estimator=grpo", "ppo.group_size={k}", "ppo.kl_in=loss", "ppo.kl_estimator=k3"],
+            ["ppo.advantage_estimator=grpo", "ppo.group_size={k}", "ppo.kl_in=loss", "ppo.kl_estimator=k2"],
         ),
         Run("alignray_gae", "alignray gae (PPO)", "alignray", ["ppo.advantage_estimator=gae"]),
         Run("alignray_rloo", "alignray rloo", "alignray", ["ppo.advantage_estimator=rloo", "ppo.group_size={k}"]),

@@ -63,7 +63,7 @@ class PPOSettings(Settings):
     kl_in: Literal["reward", "loss"] = "reward"
     """Where the KL to the reference acts: 'reward' (shaped into every token's reward, so the advantage carries it: InstructGPT, our PPO) or 'loss' (a separate term beta * KL in the loss, as GRPO does: the advantage stays pure reward)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimate: k1 = log pi - log pi_ref (unbiased; the one to put in the reward: as a loss its expected gradient is 0); k2 = (log ratio)^2 / 2 (as a loss its gradient is the reverse KL's); k3 = exp(-log ratio) - 1 + log ratio (unbiased, >= 0, low variance: GRPO's choice in the loss)."""
+    """Per-token KL estimate: k1 = log pi - log pi_ref (unbiased; the one to put in the reward: as a loss its expected gradient is 0); k2 = (log ratio)^2 / 2 (as a loss its gradient is the reverse KL's); k3 = exp(-log ratio) - 1 + log ratio (unbiased, >= 0, low variance: the best estimate of the KL's value, but as a loss its gradient is the forward KL(ref || pi)'s, which pushes hardest on tokens the policy has made rarer; TRL multiplies it by the importance ratio to get the reverse KL's gradient, which k2 gives on-policy)."""
     critic: Critic = "reference"
     """What the value head reads: 'reference' (the frozen reference's final hidden state: no extra pass, the critic never pulls on the policy) or 'policy' (the policy's own, trained through the shared trunk)."""
     vf_lr: float = Field(1e-3, gt=0)
