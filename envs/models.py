@@ -62,7 +62,7 @@ class ModelSettings(Settings):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     """LoRA adapters (rank 0 = off)."""
     gradient_checkpointing: bool = False
-    """Learner only: keep each decoder layer's input and recompute the rest in the backward pass (far less memory, about a third more compute; the prompts' shared prefix is then run per response)."""
+    """Learner only: keep each decoder layer's input and recompute the rest in the backward pass (less activation memory at about twice the update time on a CPU, where the shared prompt prefix is then run per response)."""
 
 
 class ModelLoadError(RuntimeError):
