@@ -7,9 +7,18 @@ optimizer) and runs ``updates`` PPO updates on the episodes with the preset's mi
 kernel's high-water mark of the process (``ru_maxrss``); learner peak = peak - baseline. PyTorch keeps no
 allocator peak on the CPU, so RSS is what there is; it includes the glibc heap the learner touched.
 
+glibc keeps freed blocks below its mmap threshold in its heap, and that threshold grows (to 32 MB) as
+large blocks are freed, so activations of a few MB each end up in a heap that fragments and whose
+high-water mark stays resident: RSS then reports what the allocator hoarded, not what the tensors needed.
+``--malloc-mmap-threshold 262144`` fixes the threshold (glibc's ``MALLOC_MMAP_THRESHOLD_``) in each measured
+process, so every block of 256 KB or more is mapped on allocation and returned on free: the peak is then
+close to the live tensors' peak, which is what a GPU allocator's ``max_memory_allocated`` reports, at the
+cost of page faults (slower updates). Several values run every variant once per value.
+
     python bench/lora_memory.py                      # SmolLM2: demo and lora presets, each without and with
                                                      # gradient checkpointing, 32 episodes x 24 tokens
-    python bench/lora_memory.py --model tiny --episodes 8
+    python bench/lora_memory.py --malloc-mmap-threshold 0 262144   # glibc's default, then blocks returned
+    python bench/lora_memory.py --model tiny --episodes 16
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import pickle
 import resource
 import subprocess
@@ -97,6 +107,7 @@ def measure(args) -> None:
         json.dumps(
             {
                 "preset": args.measure,
+                "malloc_mmap_threshold": int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 0)),
                 "lora_rank": cfg.model.lora.rank,
                 "trainable_params": trainable,
                 "baseline_rss_mb": round(base, 1),
@@ -123,6 +134,14 @@ def main() -> None:
         default=["demo", "lora", "lora:model.gradient_checkpointing=true", "demo:model.gradient_checkpointing=true"],
         help="variants PRESET[:KEY=VALUE,...]; the first is the baseline of the ratios",
     )
+    ap.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="glibc mmap threshold of the measured processes, bytes (0 = glibc's default, dynamic)",
+    )
+    ap.add_argument("--out", default=None, help="also write the rows as JSON here")
     ap.add_argument("--sample", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--file", default=None, help=argparse.SUPPRESS)
@@ -138,24 +157,36 @@ def main() -> None:
         f"--updates={args.updates}",
         f"--threads={args.threads}",
     ]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         file = str(Path(tmp) / "episodes.pkl")
         subprocess.run([sys.executable, __file__, "--sample", f"--file={file}", *common], check=True)
-        rows = []
-        for name in args.presets:
-            out = subprocess.run(
-                [sys.executable, __file__, f"--measure={name}", f"--file={file}", *common],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
-    full = rows[0]["learner_peak_mb"]
-    for r in rows[1:]:
-        print(
-            f"{r['preset']}: learner peak {r['learner_peak_mb']:.0f} MB = {r['learner_peak_mb'] / full:.2f}x {rows[0]['preset']}'s {full:.0f} MB"
-        )
+        for threshold in args.malloc_mmap_threshold:
+            env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+            if threshold:
+                env["MALLOC_MMAP_THRESHOLD_"] = str(threshold)
+            for name in args.presets:
+                out = subprocess.run(
+                    [sys.executable, __file__, f"--measure={name}", f"--file={file}", *common],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                ).stdout
+                rows.append(json.loads(out.strip().splitlines()[-1]))
+                print(json.dumps(rows[-1]), flush=True)
+    for threshold in args.malloc_mmap_threshold:
+        mode = f"malloc mmap threshold {threshold} B" if threshold else "glibc default"
+        group = [r for r in rows if r["malloc_mmap_threshold"] == threshold]
+        base = group[0]
+        for r in group:
+            r["ratio"] = round(r["learner_peak_mb"] / base["learner_peak_mb"], 3)
+            print(
+                f"[{mode}] {r['preset']}: learner peak {r['learner_peak_mb']:.0f} MB = {r['ratio']:.2f}x "
+                f"{base['preset']}'s {base['learner_peak_mb']:.0f} MB, update {min(r['update_s']):.1f} s"
+            )
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":
