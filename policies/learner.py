@@ -219,7 +219,7 @@ class LMPPOLearner(PPOTorchLearner):
         if self.settings.kl_in == "loss":  # beta * KL(pi || ref), the gradient through the current log-probs
             kl_loss = masked_mean(KL_ESTIMATORS[self.settings.kl_estimator](logp, batch[REF_LOGP]), mask)
             total = total + self.kl_controller.coef * kl_loss
-            self.metrics.log_value((module_id, "kl_loss"), float(kl_loss), reduce="mean")
+            self.metrics.log_value((module_id, "kl_loss"), float(kl_loss.detach()), reduce="mean")
         total = total * self._token_share(mask)
         self._log_minibatch(module_id, logp.detach(), old_logp, mask, policy_loss, vf_loss, entropy, clipfrac)
         return total
