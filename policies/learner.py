@@ -95,7 +95,7 @@ class PPOSettings(Settings):
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature during rollouts (the learner's log-probs use the same one)."""
     constraints: dict[str, float] = Field(default_factory=dict)
-    """Constrained RLHF (PPO-Lagrangian): reward part -> threshold, maximise the env's reward subject to E[part] >= threshold, e.g. {reward_model.consistency: 0.0}; one Lagrange multiplier per constraint."""
+    """Constrained RLHF (PPO-Lagrangian): reward part -> threshold, maximise the env's reward subject to E[part] >= threshold, e.g. {reward_model.consistency: -0.05}; one Lagrange multiplier per constraint. A head's threshold is in its normalised units: `alignray eval` prints the reference policy's level (rm_score.<criterion>, reference column)."""
     multiplier_init: float = Field(1.0, ge=0)
     """Starting value of every Lagrange multiplier (Safe-RLHF's lambda_init): 1 weighs a constraint like the objective from the first iteration, before any violation is measured."""
     multiplier_lr: float = Field(3.0, gt=0)
