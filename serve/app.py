@@ -7,7 +7,8 @@ choice) handed to the replica's :class:`~serve.scheduler.Scheduler`. With ``serv
 only when the replica is idle and runs it to its end, for comparison. Tokens stream back as they
 come; a client that goes away cancels its request and frees its slots; a full queue is a 429 with
 ``Retry-After``. Every response carries ``x-alignray-batch-size`` (sequences in the batch right
-after the request joined it); ``/healthz`` reports the loop's counters and ``/v1/models`` the dtype.
+after the request joined it) and ``x-alignray-queue-ms`` (how long it waited to join);
+``/healthz`` reports the loop's counters and ``/v1/models`` the dtype.
 
 Prometheus metrics (:mod:`serve.metrics`) cover requests, latency, time to first token, tokens,
 queue and batch occupancy, and, with a reward model attached, the reward score of a sample of the
@@ -55,6 +56,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 app = make_app()
 BATCH_HEADER = "x-alignray-batch-size"
+QUEUE_HEADER = "x-alignray-queue-ms"
 GENERATION_ERRORS = error_responses(400, 401, 404, 413, 429)
 
 
@@ -142,7 +144,8 @@ class PolicyServer:
             stream.close()
             on_end()
             raise
-        headers = {BATCH_HEADER: str(stream.request.batch_rows)}
+        req = stream.request  # admitted by the step that produced `first`
+        headers = {BATCH_HEADER: str(req.batch_rows), QUEUE_HEADER: f"{(req.admitted - req.arrived) * 1000:.1f}"}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = sse(fmt, cid, self.model_name, stream, first, prompt_tokens, include_usage, on_end)
