@@ -145,7 +145,7 @@ class PolicyServer:
             on_end()
             raise
         req = stream.request  # admitted by the step that produced `first`
-        headers = {BATCH_HEADER: str(req.batch_rows), QUEUE_HEADER: f"{(req.admitted - req.arrived) * 1000:.1f}"}
+        headers = {BATCH_HEADER: str(req.batch_rows), QUEUE_HEADER: f"{req.waited * 1000:.1f}"}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = sse(fmt, cid, self.model_name, stream, first, prompt_tokens, include_usage, on_end)
@@ -163,8 +163,7 @@ class PolicyServer:
         """Metrics, the request log and (sampled) reward scoring of a request that has ended."""
         req, choices = stream.request, stream.choices
         ttft = req.first_token - req.arrived if req.first_token is not None else None
-        wait = req.admitted - req.arrived if req.admitted is not None else None
-        self.metrics.generation(route, ttft, wait, sum(choices.tokens))
+        self.metrics.generation(route, ttft, req.waited, sum(choices.tokens))
         complete = all(f is not None for f in choices.finish)
         self.log.record(cid, route, prompts, choices.texts, tokens=choices.tokens, ttft_s=ttft, complete=complete)
         if self.reward is not None and complete and random.random() < self.settings.reward_sample_rate:

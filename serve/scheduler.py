@@ -65,6 +65,11 @@ class Request:
     live: int = 0
     """Sequences still decoding."""
 
+    @property
+    def waited(self) -> float | None:
+        """Seconds from arrival to joining a batch (None while it waits)."""
+        return None if self.admitted is None else self.admitted - self.arrived
+
 
 @dataclass(eq=False)
 class _Row:
