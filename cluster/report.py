@@ -64,7 +64,8 @@ GROUPS = {
     "gold.": "gold score per criterion",
     "reward_model.": "reward-model score per criterion (normalised)",
     "multiplier.": "Lagrange multiplier per constraint",
-    "constraint.": "constrained part per iteration (mean)",
+    "constraint.": "constrained part, mean over the window the multiplier is stepped from",
+    "constraint_batch.": "constrained part, mean over each iteration's responses",
 }
 """metrics.csv column prefix -> title of one plot holding every column of that family."""
 

@@ -56,7 +56,7 @@ def summarize(result: dict[str, Any], module_id: str = "default_policy") -> dict
     }
     # Per criterion (reward-model heads, gold criteria) and per constraint: columns named after them.
     out |= {name: _ratio(total, count) for name, total in runners.get("parts", {}).items()}
-    out |= {k: _num(v) for k, v in learner.items() if k.startswith(("multiplier.", "constraint."))}
+    out |= {k: _num(v) for k, v in learner.items() if k.startswith(("multiplier.", "constraint.", "constraint_batch."))}
     return out
 
 

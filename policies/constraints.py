@@ -2,13 +2,16 @@
 
 ``ppo.constraints`` maps reward parts to thresholds, ``E[part] >= threshold`` (for example
 ``{reward_model.consistency: 0.0}``); the objective is the env's weighted reward. Each iteration the
-connector first measures every constrained part's mean over the iteration's responses (read from
-each episode's :class:`~envs.text_env.ResponseInfo`, pooled across Learners), moves the multipliers
-by PI control (:func:`~policies.ppo_math.update_multipliers`), and only then replaces each
+connector first measures every constrained part's sum over the iteration's responses (read from
+each episode's :class:`~envs.text_env.ResponseInfo`, pooled across Learners), takes its mean over the
+last ``window`` responses (whole iterations, :func:`~policies.ppo_math.window_mean`: one iteration's
+few dozen responses answer as many new prompts, and their mean swings by more than the drift the
+constraint should stop), moves the multipliers by PI control (:func:`~policies.ppo_math.update_multipliers`), and only then replaces each
 response's final reward with :func:`~policies.ppo_math.lagrangian_reward` under those multipliers:
 the batch that measured a violation is already trained against it (as Safe-RLHF updates lambda
 before its actor loss), instead of one iteration later. Every Learner sees the same pooled means,
-so all keep the same multipliers; the Learner saves them (and their integrals) with its state.
+so all keep the same multipliers; the Learner saves them, their integrals and the window's history
+with its state.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
 
-from policies.ppo_math import lagrangian_reward, update_multipliers
+from policies.ppo_math import lagrangian_reward, update_multipliers, window_mean
 
 
 class LagrangianReward(ConnectorV2):
@@ -35,14 +38,18 @@ class LagrangianReward(ConnectorV2):
         init: float,
         kp: float,
         ki: float,
+        window: int = 0,
         all_reduce_sum: Callable[[list[float]], list[float]],
         **kwargs,
     ):
         super().__init__(input_observation_space, input_action_space, **kwargs)
-        self.thresholds, self.kp, self.ki, self.all_reduce_sum = thresholds, kp, ki, all_reduce_sum
+        self.thresholds, self.kp, self.ki, self.window = thresholds, kp, ki, window
+        self.all_reduce_sum = all_reduce_sum
+        self.history: dict[str, list[tuple[float, float]]] = {name: [] for name in thresholds}  # (sum, n) per iteration
         self.integrals = {name: init for name in thresholds}
         self.multipliers = {name: init for name in thresholds}
-        self.means: dict[str, float] = {}  # the last iteration's pooled E[part]
+        self.means: dict[str, float] = {}  # E[part] over the window, which the multipliers were stepped from
+        self.batch_means: dict[str, float] = {}  # E[part] over the last iteration's responses alone
 
     @override(ConnectorV2)
     def __call__(self, *, rl_module, batch: dict[str, Any], episodes: list, **kwargs) -> Any:
@@ -71,10 +78,23 @@ class LagrangianReward(ConnectorV2):
         return {name: float(info["reward_parts"][name]) for name in self.thresholds}
 
     def _step(self, parts: list[dict[str, float]]) -> None:
-        """Pool each part's mean across Learners, then move every multiplier one PI step (in place)."""
+        """Pool each part's sum across Learners, average it over the window, then move every multiplier one PI step."""
         names = list(self.thresholds)
         *sums, n = self.all_reduce_sum([sum(p[name] for p in parts) for name in names] + [float(len(parts))])
-        self.means = {name: s / n if n else float("nan") for name, s in zip(names, sums)}
+        self.batch_means = {name: s / n if n else float("nan") for name, s in zip(names, sums)}
+        for name, s in zip(names, sums):
+            self.history[name] = self._trimmed(self.history[name] + [(s, n)])
+        self.means = {name: window_mean(self.history[name], self.window) for name in names}
         integrals, multipliers = update_multipliers(self.integrals, self.means, self.thresholds, self.kp, self.ki)
         self.integrals.update(integrals)
         self.multipliers.update(multipliers)
+
+    def _trimmed(self, history: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        """The most recent iterations this window reaches (a later window, starting one iteration later, reaches no further back)."""
+        kept, n = [], 0.0
+        for entry in reversed(history):
+            if n >= max(self.window, 1):
+                break
+            kept.append(entry)
+            n += entry[1]
+        return kept[::-1]

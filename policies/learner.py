@@ -99,7 +99,9 @@ class PPOSettings(Settings):
     multiplier_init: float = Field(1.0, ge=0)
     """Starting value of every Lagrange multiplier (Safe-RLHF's lambda_init): 1 weighs a constraint like the objective from the first iteration, before any violation is measured."""
     multiplier_lr: float = Field(3.0, gt=0)
-    """Integral gain of the multipliers (the plain update's learning rate): I <- max(0, I + lr e) every iteration, e = threshold - E[part] measured on that iteration's responses."""
+    """Integral gain of the multipliers (the plain update's learning rate): I <- max(0, I + lr e) every iteration, e = threshold - E[part] measured over the last constraint_window responses."""
+    constraint_window: int = Field(128, ge=0)
+    """Responses each constraint's mean is taken over before it steps the multipliers: the fewest recent iterations holding this many (Safe-RLHF's episode_cost_window_size, 128 in its scripts); 0 = the iteration's own responses alone."""
     multiplier_kp: float = Field(3.0, ge=0)
     """Proportional gain: lambda = max(0, I + kp e), so a violation weighs at once and no more than while it lasts (PI control, Stooke et al. 2020); 0 = the plain gradient-ascent update."""
     top_k: int = 0
@@ -162,6 +164,7 @@ class LMPPOLearner(PPOTorchLearner):
             init=p.multiplier_init,
             kp=p.multiplier_kp,
             ki=p.multiplier_lr,
+            window=p.constraint_window,
             all_reduce_sum=self._all_reduce_sum,
         )
         shaping = KL_ESTIMATORS[p.kl_estimator] if p.kl_in == "reward" else None
@@ -314,6 +317,7 @@ class LMPPOLearner(PPOTorchLearner):
                     "vf_explained_var": self.gae_connector.explained_variance,
                     **{f"multiplier.{n}": lam for n, lam in constraints.multipliers.items()},
                     **{f"constraint.{n}": v for n, v in constraints.means.items()},
+                    **{f"constraint_batch.{n}": v for n, v in constraints.batch_means.items()},
                 },
                 key=module_id,
                 window=1,
@@ -334,6 +338,7 @@ class LMPPOLearner(PPOTorchLearner):
         state["minibatch_updates"] = self._updates
         state["multipliers"] = dict(self.constraint_connector.multipliers)
         state["multiplier_integrals"] = dict(self.constraint_connector.integrals)
+        state["constraint_history"] = {n: list(h) for n, h in self.constraint_connector.history.items()}
         return state
 
     @override(PPOTorchLearner)
@@ -345,6 +350,7 @@ class LMPPOLearner(PPOTorchLearner):
         c = self.constraint_connector
         c.multipliers.update(state.get("multipliers", {}))
         c.integrals.update(state.get("multiplier_integrals", state.get("multipliers", {})))  # older: lambda = I
+        c.history.update({n: [tuple(e) for e in h] for n, h in state.get("constraint_history", {}).items()})
 
 
 def pooled_kl(stats: KLStats, all_reduce_sum) -> float:

@@ -148,6 +148,22 @@ def lagrangian_reward(
     return total / (1.0 + sum(multipliers.values()))
 
 
+def window_mean(history: list[tuple[float, float]], window: int) -> float:
+    """Mean of a part over the fewest most recent iterations holding ``window`` responses (all of them if fewer).
+
+    ``history`` holds one ``(sum, count)`` per iteration, oldest first; ``window <= 1`` means the last iteration
+    alone
+    (the most recent one with responses). Safe-RLHF drives its multiplier the same way (the mean cost over ``episode_cost_window_size``
+    recent episodes), because one batch's mean is too noisy to steer by. nan with no responses.
+    """
+    total, n = 0.0, 0.0
+    for s, c in reversed(history):
+        total, n = total + s, n + c
+        if n >= max(window, 1):
+            break
+    return total / n if n else float("nan")
+
+
 def update_multipliers(
     integrals: dict[str, float], means: dict[str, float], thresholds: dict[str, float], kp: float, ki: float
 ) -> tuple[dict[str, float], dict[str, float]]:

@@ -161,14 +161,16 @@ def test_lora_resume_restores_the_adapters_and_the_optimizer(lora_run):
 
 
 CONSTRAINED = {**EOS_TASK, "ppo.iterations": 18, "ppo.constraints": "{length: 0.6}", "ppo.multiplier_lr": 2.0,
-               "ppo.multiplier_kp": 0.0, "ppo.multiplier_init": 0.0, "run.checkpoint_every": 6}  # fmt: skip
+               "ppo.multiplier_kp": 0.0, "ppo.multiplier_init": 0.0, "ppo.constraint_window": 32,
+               "run.checkpoint_every": 6}  # fmt: skip
 
 
 def test_a_constraint_becomes_active_then_satisfied_and_resume_keeps_its_multiplier(tmp_path):
     """Objective: end with EOS (short answers); constraint: E[length / budget] >= 0.6 (long answers).
 
-    The plain update (kp 0, starting at 0), so that the multiplier moves with the sign of the violation;
-    the PI law is checked by hand in tests/policies.
+    The plain update (kp 0, starting at 0), so that the multiplier moves with the sign of the violation,
+    stepped from the mean over the last two iterations (32 responses); the PI law and the window are
+    checked by hand in tests/policies.
     """
     train(tiny_cfg(tmp_path, **CONSTRAINED))
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
@@ -183,5 +185,7 @@ def test_a_constraint_becomes_active_then_satisfied_and_resume_keeps_its_multipl
     assert state["multiplier_integrals"]["length"] == pytest.approx(lam[-1])  # kp = 0: lambda is the integral
     train(tiny_cfg(tmp_path, **{**CONSTRAINED, "ppo.iterations": 19}), resume=True)
     r = read_metrics(tmp_path / "run" / "metrics.csv")[-1]
-    want = max(0.0, lam[-1] + 2.0 * (0.6 - r["constraint.length"]))  # one step on from the saved multiplier
+    pooled = (rows[-1]["constraint_batch.length"] + r["constraint_batch.length"]) / 2  # the window came back too
+    assert r["constraint.length"] == pytest.approx(pooled)
+    want = max(0.0, lam[-1] + 2.0 * (0.6 - pooled))  # one step on from the saved multiplier
     assert r["multiplier.length"] == pytest.approx(want, abs=1e-6)
