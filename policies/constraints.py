@@ -6,9 +6,8 @@ connector first measures every constrained part's sum over the iteration's respo
 each episode's :class:`~envs.text_env.ResponseInfo`, pooled across Learners), takes its mean over the
 last ``window`` responses (whole iterations, :func:`~policies.ppo_math.window_mean`: one iteration's
 few dozen responses answer as many new prompts, and their mean swings by more than the drift the
-constraint should stop), and, once the window is full (until then the multipliers keep their
-initial value, as Safe-RLHF's lambda_update_delay_steps holds lambda), moves the multipliers by PI
-control (:func:`~policies.ppo_math.update_multipliers`), and only then replaces each response's final reward with :func:`~policies.ppo_math.lagrangian_reward` under those multipliers:
+constraint should stop), moves the multipliers by PI control (:func:`~policies.ppo_math.update_multipliers`), and only then replaces each
+response's final reward with :func:`~policies.ppo_math.lagrangian_reward` under those multipliers:
 the batch that measured a violation is already trained against it (as Safe-RLHF updates lambda
 before its actor loss), instead of one iteration later. Every Learner sees the same pooled means,
 so all keep the same multipliers; the Learner saves them, their integrals and the window's history
@@ -79,16 +78,14 @@ class LagrangianReward(ConnectorV2):
         return {name: float(info["reward_parts"][name]) for name in self.thresholds}
 
     def _step(self, parts: list[dict[str, float]]) -> None:
-        """Pool each part's sum across Learners, average it over the window, then (once it is full) step every multiplier."""
+        """Pool each part's sum across Learners, average it over the window, then move every multiplier one PI step."""
         names = list(self.thresholds)
         *sums, n = self.all_reduce_sum([sum(p[name] for p in parts) for name in names] + [float(len(parts))])
         self.batch_means = {name: s / n if n else float("nan") for name, s in zip(names, sums)}
         for name, s in zip(names, sums):
             self.history[name] = self._trimmed(self.history[name] + [(s, n)])
         self.means = {name: window_mean(self.history[name], self.window) for name in names}
-        full = all(sum(count for _, count in self.history[name]) >= self.window for name in names)
-        steer = self.means if full else dict.fromkeys(names, float("nan"))  # nan: the multipliers stay at init
-        integrals, multipliers = update_multipliers(self.integrals, steer, self.thresholds, self.kp, self.ki)
+        integrals, multipliers = update_multipliers(self.integrals, self.means, self.thresholds, self.kp, self.ki)
         self.integrals.update(integrals)
         self.multipliers.update(multipliers)
 

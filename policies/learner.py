@@ -101,7 +101,7 @@ class PPOSettings(Settings):
     multiplier_lr: float = Field(3.0, gt=0)
     """Integral gain of the multipliers (the plain update's learning rate): I <- max(0, I + lr e) every iteration, e = threshold - E[part] measured over the last constraint_window responses."""
     constraint_window: int = Field(128, ge=0)
-    """Responses each constraint's mean is taken over before it steps the multipliers: the fewest recent iterations holding this many (Safe-RLHF's episode_cost_window_size, 128 in its scripts); until that many have been seen the multipliers stay at multiplier_init; 0 = the iteration's own responses alone."""
+    """Responses each constraint's mean is taken over before it steps the multipliers: the fewest recent iterations holding this many (Safe-RLHF's episode_cost_window_size, 128 in its scripts); 0 = the iteration's own responses alone."""
     multiplier_kp: float = Field(3.0, ge=0)
     """Proportional gain: lambda = max(0, I + kp e), so a violation weighs at once and no more than while it lasts (PI control, Stooke et al. 2020); 0 = the plain gradient-ascent update."""
     top_k: int = 0
