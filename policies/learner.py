@@ -96,8 +96,8 @@ class PPOSettings(Settings):
     """Sampling temperature during rollouts (the learner's log-probs use the same one)."""
     constraints: dict[str, float] = Field(default_factory=dict)
     """Constrained RLHF (PPO-Lagrangian): reward part -> threshold, maximise the env's reward subject to E[part] >= threshold, e.g. {reward_model.consistency: -0.05}; one Lagrange multiplier per constraint. A head's threshold is in its normalised units: `alignray eval` prints the reference policy's level (rm_score.<criterion>, reference column)."""
-    multiplier_init: float = Field(1.0, ge=0)
-    """Starting value of every Lagrange multiplier (Safe-RLHF's lambda_init): 1 weighs a constraint like the objective from the first iteration, before any violation is measured."""
+    multiplier_init: float = Field(0.0, ge=0)
+    """Starting value of every Lagrange multiplier (Safe-RLHF's lambda_init, 1 there): 0 lets the measured violations set the weight; on SmolLM2 with a 128-response window, 1 kept the multiplier near 3 all run and cost the whole objective gain (README, Several criteria)."""
     multiplier_lr: float = Field(3.0, gt=0)
     """Integral gain of the multipliers (the plain update's learning rate): I <- max(0, I + lr e) every iteration, e = threshold - E[part] measured over the last constraint_window responses."""
     constraint_window: int = Field(128, ge=0)
