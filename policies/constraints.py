@@ -6,8 +6,9 @@ connector first measures every constrained part's sum over the iteration's respo
 each episode's :class:`~envs.text_env.ResponseInfo`, pooled across Learners), takes its mean over the
 last ``window`` responses (whole iterations, :func:`~policies.ppo_math.window_mean`: one iteration's
 few dozen responses answer as many new prompts, and their mean swings by more than the drift the
-constraint should stop), moves the multipliers by PI control (:func:`~policies.ppo_math.update_multipliers`), and only then replaces each
-response's final reward with :func:`~policies.ppo_math.lagrangian_reward` under those multipliers:
+constraint should stop), moves the multipliers by PI control
+(:func:`~policies.ppo_math.update_multipliers`), and only then replaces each response's final
+reward with :func:`~policies.ppo_math.lagrangian_reward` under those multipliers:
 the batch that measured a violation is already trained against it (as Safe-RLHF updates lambda
 before its actor loss), instead of one iteration later. Every Learner sees the same pooled means,
 so all keep the same multipliers; the Learner saves them, their integrals and the window's history

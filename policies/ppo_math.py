@@ -151,10 +151,10 @@ def lagrangian_reward(
 def window_mean(history: list[tuple[float, float]], window: int) -> float:
     """Mean of a part over the fewest most recent iterations holding ``window`` responses (all of them if fewer).
 
-    ``history`` holds one ``(sum, count)`` per iteration, oldest first; ``window <= 1`` means the last iteration
-    alone
-    (the most recent one with responses). Safe-RLHF drives its multiplier the same way (the mean cost over ``episode_cost_window_size``
-    recent episodes), because one batch's mean is too noisy to steer by. nan with no responses.
+    ``history`` holds one ``(sum, count)`` per iteration, oldest first; ``window <= 1`` means the last
+    iteration alone (the most recent one with responses). Safe-RLHF drives its multiplier the same way
+    (the mean cost over its last ``episode_cost_window_size`` episodes), because one batch's mean is
+    too noisy to steer by. nan with no responses.
     """
     total, n = 0.0, 0.0
     for s, c in reversed(history):
