@@ -114,8 +114,11 @@ def test_models_report_the_served_dtype(server):
         assert models.status_code == 200, (name, models.text)
         card = models.json()["data"][0]
         assert card["id"] == MODEL and card["dtype"] == dtype
-        r = httpx.post(server[name] + "/v1/completions", json=body(max_tokens=5), headers=headers, timeout=30)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, (name, r.text)
+        # ignore_eos: the random tiny model samples its end-of-text token first now and then (CI saw 0 tokens once)
+        r = httpx.post(
+            server[name] + "/v1/completions", json=body(max_tokens=5, ignore_eos=True), headers=headers, timeout=30
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5, (name, r.text)
 
 
 def test_continuous_a_request_arriving_mid_generation_starts_before_the_first_finishes(server):
