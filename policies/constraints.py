@@ -4,7 +4,7 @@
 ``{reward_model.consistency: 0.0}``); the objective is the env's weighted reward. Each iteration the
 connector first measures every constrained part's sum over the iteration's responses (read from
 each episode's :class:`~envs.text_env.ResponseInfo`, pooled across Learners), takes its mean over the
-last ``window`` responses (whole iterations, :func:`~policies.ppo_math.window_mean`: one iteration's
+last ``window`` responses (whole iterations, :func:`~policies.ppo_math.recent_iterations`: one iteration's
 few dozen responses answer as many new prompts, and their mean swings by more than the drift the
 constraint should stop), moves the multipliers by PI control
 (:func:`~policies.ppo_math.update_multipliers`), and only then replaces each response's final
@@ -24,7 +24,7 @@ from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
 
-from policies.ppo_math import lagrangian_reward, update_multipliers, window_mean
+from policies.ppo_math import lagrangian_reward, recent_iterations, update_multipliers
 
 
 class LagrangianReward(ConnectorV2):
@@ -84,18 +84,9 @@ class LagrangianReward(ConnectorV2):
         *sums, n = self.all_reduce_sum([sum(p[name] for p in parts) for name in names] + [float(len(parts))])
         self.batch_means = {name: s / n if n else float("nan") for name, s in zip(names, sums)}
         for name, s in zip(names, sums):
-            self.history[name] = self._trimmed(self.history[name] + [(s, n)])
-        self.means = {name: window_mean(self.history[name], self.window) for name in names}
+            self.history[name] = recent_iterations(self.history[name] + [(s, n)], self.window)
+            total, count = (sum(column) for column in zip(*self.history[name]))
+            self.means[name] = total / count if count else float("nan")
         integrals, multipliers = update_multipliers(self.integrals, self.means, self.thresholds, self.kp, self.ki)
         self.integrals.update(integrals)
         self.multipliers.update(multipliers)
-
-    def _trimmed(self, history: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        """The most recent iterations this window reaches (a later window, starting one iteration later, reaches no further back)."""
-        kept, n = [], 0.0
-        for entry in reversed(history):
-            if n >= max(self.window, 1):
-                break
-            kept.append(entry)
-            n += entry[1]
-        return kept[::-1]

@@ -148,20 +148,21 @@ def lagrangian_reward(
     return total / (1.0 + sum(multipliers.values()))
 
 
-def window_mean(history: list[tuple[float, float]], window: int) -> float:
-    """Mean of a part over the fewest most recent iterations holding ``window`` responses (all of them if fewer).
+def recent_iterations(history: list[tuple[float, float]], window: int) -> list[tuple[float, float]]:
+    """The fewest most recent iterations holding ``window`` responses (all of them if fewer), oldest first.
 
-    ``history`` holds one ``(sum, count)`` per iteration, oldest first; ``window <= 1`` means the last
-    iteration alone (the most recent one with responses). Safe-RLHF drives its multiplier the same way
-    (the mean cost over its last ``episode_cost_window_size`` episodes), because one batch's mean is
-    too noisy to steer by. nan with no responses.
+    ``history`` holds one ``(sum, count)`` of a part per iteration, oldest first; ``window <= 1`` keeps
+    the last iteration with responses. A constraint's mean is taken over these: Safe-RLHF drives its
+    multiplier the same way (the mean cost over its last ``episode_cost_window_size`` episodes),
+    because one batch's mean is too noisy to steer by.
     """
-    total, n = 0.0, 0.0
-    for s, c in reversed(history):
-        total, n = total + s, n + c
+    kept, n = [], 0.0
+    for entry in reversed(history):
         if n >= max(window, 1):
             break
-    return total / n if n else float("nan")
+        kept.append(entry)
+        n += entry[1]
+    return kept[::-1]
 
 
 def update_multipliers(

@@ -145,15 +145,15 @@ def test_lagrangian_reward_and_multiplier_steps_by_hand():
     assert (i, lam) == ({"a": pytest.approx(1.6), "b": 0.0}, {"a": pytest.approx(2.5), "b": 0.0})
 
 
-def test_window_mean_takes_whole_recent_iterations_until_the_window_is_full():
-    from policies.ppo_math import window_mean
+def test_the_window_keeps_whole_recent_iterations_until_it_is_full():
+    from policies.ppo_math import recent_iterations
 
     history = [(3.0, 10.0), (-2.0, 4.0), (1.0, 2.0)]  # per iteration (sum, count), oldest first
-    assert window_mean(history, 0) == pytest.approx(0.5)  # the last iteration alone: 1 / 2
-    assert window_mean(history, 2) == pytest.approx(0.5)
-    assert window_mean(history, 3) == pytest.approx(-1.0 / 6)  # two iterations: (1 - 2) / 6
-    assert window_mean(history, 6) == pytest.approx(-1.0 / 6)
-    assert window_mean(history, 7) == pytest.approx(2.0 / 16)  # all three: (1 - 2 + 3) / 16
-    assert window_mean(history, 100) == pytest.approx(2.0 / 16)  # fewer responses than the window: all of them
-    assert window_mean(history + [(0.0, 0.0)], 0) == pytest.approx(0.5)  # an empty iteration is skipped
-    assert np.isnan(window_mean([], 8))
+    assert recent_iterations(history, 0) == [(1.0, 2.0)]  # the last iteration alone
+    assert recent_iterations(history, 2) == [(1.0, 2.0)]
+    assert recent_iterations(history, 3) == history[1:]  # 2 responses are not 3: one more iteration
+    assert recent_iterations(history, 6) == history[1:]
+    assert recent_iterations(history, 7) == history
+    assert recent_iterations(history, 100) == history  # fewer responses than the window: all of them
+    assert recent_iterations(history + [(0.0, 0.0)], 0) == [(1.0, 2.0), (0.0, 0.0)]  # an empty one does not count
+    assert recent_iterations([], 8) == []
