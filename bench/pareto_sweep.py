@@ -52,11 +52,8 @@ def runs_of(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
         out.append(
             (
                 f"constrained{a.constrained:g}",
-                [
-                    f"env.reward={{{pos}: 1.0}}",
-                    f"ppo.constraints={{{con}: {a.constrained:g}}}",
-                    f"ppo.multiplier_lr={a.multiplier_lr:g}",
-                ],  # fmt: skip
+                [f"env.reward={{{pos}: 1.0}}", f"ppo.constraints={{{con}: {a.constrained:g}}}"]
+                + ([f"ppo.multiplier_lr={a.multiplier_lr:g}"] if a.multiplier_lr is not None else []),
             )
         )
     return out
@@ -134,7 +131,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parts", choices=("reward_model", "gold"), default="reward_model", help="what is weighted")
     p.add_argument("--reward-model", help="two-head reward model directory (default: the preset's path)")
     p.add_argument("--constrained", type=float, help="also one constrained run: consistency >= this threshold")
-    p.add_argument("--multiplier-lr", type=float, default=2.0, help="the constrained run's ppo.multiplier_lr")
+    p.add_argument(
+        "--multiplier-lr", type=float, help="the constrained run's ppo.multiplier_lr (default: the config's)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lock", default="/work/heavy.lock" if Path("/work").is_dir() else "",
                    help="lock file held by each heavy subprocess ('' = none)")  # fmt: skip

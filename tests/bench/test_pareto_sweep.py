@@ -32,3 +32,10 @@ def test_one_run_per_weight_and_the_constrained_run_and_each_is_a_valid_config()
     ]
     for _, overrides in pareto_sweep.runs_of(a):
         load_config("tiny", ["reward_model.criteria=[positivity, consistency]", *overrides])
+
+
+def test_the_constrained_run_keeps_the_configs_multiplier_gains_unless_asked():
+    a = pareto_sweep.parse_args(["--tiny", "--weights", "1", "--constrained", "-0.01"])
+    name, overrides = pareto_sweep.runs_of(a)[-1]
+    assert name == "constrained-0.01"
+    assert not any(o.startswith("ppo.multiplier") for o in overrides)
