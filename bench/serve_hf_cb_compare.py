@@ -112,7 +112,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     cfg = load_config("demo")
-    engine = GenerationEngine.from_spec(ModelSettings(policy=args.model), max_tokens_limit=256)
+    # plain nn.Linear weights, as when the results in bench/results were measured (bench/serve_packed_bench.py measures packing)
+    engine = GenerationEngine.from_spec(ModelSettings(policy=args.model), max_tokens_limit=256, pack_weights=False)
     e = cfg.env
     texts = load_prompts(resolve_path(cfg.data.prompts), "test")[: args.requests]
     prompts = [prompt_ids(engine.tokenizer, t, e.instruction, e.chat_template, e.max_prompt_tokens) for t in texts]

@@ -77,7 +77,9 @@ class PolicyServer:
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.engine = GenerationEngine.from_spec(model, settings.max_tokens_limit, settings.dtype)
+        self.engine = GenerationEngine.from_spec(
+            model, settings.max_tokens_limit, settings.dtype, settings.pack_weights
+        )
         self.model_name, self.settings = model_name, settings
         self.reward, self.reward_name = reward, reward_name
         self.metrics = ServeMetrics(settings.max_batch_size, settings.max_queue)

@@ -123,9 +123,11 @@ class GenerationEngine:
         self.eos_ids = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
     @classmethod
-    def from_spec(cls, model: ModelSettings, max_tokens_limit: int, dtype: str = "float32") -> GenerationEngine:
+    def from_spec(
+        cls, model: ModelSettings, max_tokens_limit: int, dtype: str = "float32", pack_weights: bool = True
+    ) -> GenerationEngine:
         """Load the model the settings name ('smollm2', 'tiny', an HF directory) in a serving dtype."""
-        lm, tok = load_policy(model, dtype)
+        lm, tok = load_policy(model, dtype, pack=pack_weights)
         return cls(lm, tok, max_tokens_limit=max_tokens_limit, dtype=dtype)
 
     # ---- prompts and checks -------------------------------------------------------------------

@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from envs.models import ModelSettings, load_causal_lm
+from envs.packed_linear import pack_linear_layers
 
 SERVE_DTYPES = ("float32", "bfloat16", "int8")
 
@@ -36,8 +37,11 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8).eval()
 
 
-def load_policy(model: ModelSettings, dtype: str = "float32"):
-    """(causal LM in eval mode in the serving dtype, tokenizer) for a model spec or exported directory."""
+def load_policy(model: ModelSettings, dtype: str = "float32", pack: bool = True):
+    """(causal LM in eval mode in the serving dtype, tokenizer) for a model spec or exported directory.
+
+    ``pack``: float32 Linear layers get oneDNN-packed weights (:mod:`envs.packed_linear`; same maths, faster).
+    """
     if dtype not in SERVE_DTYPES:
         raise ValueError(f"serve.dtype must be one of {SERVE_DTYPES}, got {dtype!r}")
     lm, tok = load_causal_lm(model.policy, "bfloat16" if dtype == "bfloat16" else "float32", model.tiny_vocab_size)
@@ -45,4 +49,6 @@ def load_policy(model: ModelSettings, dtype: str = "float32"):
         lm = lm.to(torch.bfloat16)  # 'tiny' is built in float32 whatever it is asked for
     elif dtype == "int8":
         lm = quantize_int8(lm.float())
+    elif pack:
+        pack_linear_layers(lm)
     return lm.eval(), tok

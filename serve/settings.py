@@ -37,6 +37,9 @@ class ServeSettings(Settings):
     dtype: Literal["float32", "bfloat16", "int8"] = "float32"
     """Weights the policy is served in: float32; bfloat16 (fast only on CPUs with AVX-512 BF16/AMX, or GPUs);
     int8 = dynamic quantisation of every Linear layer (int8 weights, activations quantised per call; CPU)."""
+    pack_weights: bool = True
+    """float32 on a CPU: serve with the Linear weights pre-packed for oneDNN (same maths to float rounding,
+    about 1.5x faster decoding steps at 4-16 sequences; off = plain nn.Linear)."""
     min_replicas: int = Field(1, ge=0)
     """Autoscaling lower bound."""
     max_replicas: int = Field(1, ge=1)

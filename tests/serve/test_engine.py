@@ -7,6 +7,7 @@ import torch
 
 from envs import tiny
 from envs.models import ModelSettings
+from envs.packed_linear import PackedLinear, packing_available
 from serve.engine import GenerationEngine, GenerationJob, InputError, _held_back, sample_next
 from serve.quantize import SERVE_DTYPES
 from serve.scheduler import generate, stream
@@ -147,13 +148,15 @@ def test_smollm2_chat_through_the_engine():
 def test_each_dtype_loads_an_exported_policy_and_generates(tiny_policy_dir, dtype):
     spec = ModelSettings(policy=tiny_policy_dir)
     engine = GenerationEngine.from_spec(spec, max_tokens_limit=16, dtype=dtype)
-    reference = GenerationEngine.from_spec(spec, max_tokens_limit=16)
+    reference = GenerationEngine.from_spec(spec, max_tokens_limit=16, pack_weights=False)
     q_proj = engine.model.model.layers[0].self_attn.q_proj
     if dtype == "int8":
         assert (
             type(q_proj).__module__.startswith("torch.ao.nn.quantized")
             and "quantized" in type(engine.model.lm_head).__module__
         )
+    elif dtype == "float32" and packing_available():
+        assert isinstance(q_proj, PackedLinear) and isinstance(engine.model.lm_head, PackedLinear)
     else:
         assert q_proj.weight.dtype == getattr(torch, dtype)
     ids = torch.tensor([engine.encode_prompt("the film was")])

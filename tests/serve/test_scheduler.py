@@ -219,3 +219,24 @@ def test_fused_step_and_admit_equals_two_forwards(tiny_policy_dir, dtype):
     assert torch.equal(fused.mask, plain.mask) and torch.equal(fused.pos, plain.pos)
     after = fused.step(got.argmax(-1)), plain.step(got.argmax(-1))  # the caches agree too
     assert torch.allclose(after[0].float(), after[1].float(), atol=tol)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_long_decode_after_a_row_leaves_matches_one_full_forward(engine, fuse):
+    """Seventy steps, the longer row leaving after five (its leading columns trimmed): the logits stay the model's own."""
+    batch = RunningBatch(engine.model, engine.pad_id, fuse=fuse)
+    prompts = [engine.encode_prompt(" ".join(["good"] * 9)), engine.encode_prompt("bad film")]
+    logits = batch.admit(prompts)
+    tokens = [list(p) for p in prompts]
+    for step in range(70):
+        if step == 5:
+            batch.keep([1])
+            tokens, logits = tokens[1:], logits[1:]
+            assert batch.width == len(tokens[0])  # the long row's padding columns are gone
+        nxt = logits.argmax(-1)
+        for row, t in zip(tokens, nxt.tolist()):
+            row.append(t)
+        logits = batch.step(nxt)
+    with torch.inference_mode():
+        want = engine.model(torch.tensor(tokens)).logits[0, -1]
+    assert torch.allclose(logits[0], want, atol=1e-4)
