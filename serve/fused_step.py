@@ -9,8 +9,10 @@ tokens packed as one ``(N, d)`` matrix, and only attention is done apart, per gr
 
 - running rows: their one new query against their cached keys and values plus the new one,
   under their padding mask (``(B, 1, 1, W + 1)``);
-- new prompts: causal attention inside each left-padded prompt (``(n, 1, L, L)``); a padding
-  query attends to itself only, so nothing is NaN (its output is never used or attended to).
+- new prompts: causal attention inside each left-padded prompt (``(n, 1, L, L)``), after the keys
+  and values of a prefix they all share when one is given (``(n, 1, L, K + L)``); a padding
+  query attends to itself (and the shared prefix) only, so nothing is NaN (its output is never
+  used or attended to).
 
 Same maths as the model's own forward (logits equal to float rounding, checked by the tests);
 quantised (int8) Linear layers work unchanged. :func:`supports_fused` says when it applies.
@@ -56,20 +58,23 @@ def fused_step(
     next_ids: torch.Tensor,
     new_ids: torch.Tensor,
     new_mask: torch.Tensor,
+    shared: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
     """Decode one token for B running rows and prefill n new prompts in one pass.
 
     ``layers_kv``: each layer's cached (keys, values) of the running rows, (B, H_kv, W, D);
     ``mask`` (B, W + 1) with the new column already appended; ``pos`` (B, 1) the new token's position;
-    ``next_ids`` (B,); ``new_ids``/``new_mask`` (n, L) left-padded prompts.
+    ``next_ids`` (B,); ``new_ids``/``new_mask`` (n, L) left-padded prompts, or their suffixes after
+    ``shared``: per layer the (k, v) (n, H_kv, K, D) of the K tokens every new prompt starts with.
     -> (next-token logits (B + n, V), running rows' per-layer (k, v) (B, H_kv, 1, D) to append,
-    new rows' per-layer (k, v) (n, H_kv, L, D)).
+    new rows' per-layer (k, v) (n, H_kv, K + L, D)).
     """
     core, config = model.model, model.config
     b, (n, length) = next_ids.shape[0], new_ids.shape
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     groups = config.num_attention_heads // config.num_key_value_heads
-    new_pos = (new_mask.cumsum(-1) - 1).clamp(min=0)  # (n, L)
+    k_shared = shared[0][0].shape[2] if shared else 0
+    new_pos = k_shared + (new_mask.cumsum(-1) - 1).clamp(min=0)  # (n, L)
     x = core.embed_tokens(torch.cat([next_ids, new_ids.reshape(-1)]))  # (N, d), N = B + n*L
     positions = torch.cat([pos.reshape(-1), new_pos.reshape(-1)])[None]  # (1, N)
     cos, sin = (t[0] for t in core.rotary_emb(x[None], positions))  # (N, D) each
@@ -78,9 +83,9 @@ def fused_step(
     keep_old = mask.bool()[:, None, None, :]  # (B, 1, 1, W+1)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     keep_new = (causal & new_mask.bool()[:, None, :]) | torch.eye(length, dtype=torch.bool)  # (n, L, L)
-    keep_new = keep_new[:, None]  # (n, 1, L, L)
+    keep_new = torch.cat([torch.ones(n, length, k_shared, dtype=torch.bool), keep_new], -1)[:, None]  # (n, 1, L, K+L)
     appended, prefilled = [], []
-    for layer, (k_cache, v_cache) in zip(core.layers, layers_kv):
+    for i, (layer, (k_cache, v_cache)) in enumerate(zip(core.layers, layers_kv)):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
@@ -90,6 +95,8 @@ def fused_step(
         q_new = _rope(_heads(q[b:], n, length, head_dim), cos_new, sin_new)  # (n, H, L, D)
         k_new = _rope(_heads(k[b:], n, length, head_dim), cos_new, sin_new)  # (n, H_kv, L, D)
         v_new = _heads(v[b:], n, length, head_dim)
+        if shared:
+            k_new, v_new = torch.cat([shared[i][0], k_new], 2), torch.cat([shared[i][1], v_new], 2)  # (n, H_kv, K+L, D)
         appended.append((k_old, v_old))
         prefilled.append((k_new, v_new))
         out_old = F.scaled_dot_product_attention(

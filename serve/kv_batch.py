@@ -11,18 +11,28 @@ and one decoding step feeds one token per row. Sequences join and leave between 
   the Llama layout (:mod:`serve.fused_step`), else as two forwards.
 - :meth:`RunningBatch.keep` drops the other rows, then the leading columns no remaining row
   attends to, so the width shrinks back when a long sequence leaves.
+- Prompts that start like an earlier prompt (a chat template's system turn, a shared instruction:
+  36 of the demo's 61 prompt tokens) reuse that prompt's keys and values (:class:`SharedPrefix`)
+  and prefill only their own suffix; such a row holds the shared columns, then the suffix's left
+  padding, then the suffix.
 
-Each row's positions count its own tokens (``mask.cumsum - 1``), so padding never shifts a sequence:
-a sequence's logits in a changing batch equal its logits decoded alone (to float rounding).
+Each row's positions count its own tokens (kept in ``pos``, never derived from the column), so
+padding never shifts a sequence: a sequence's logits in a changing batch equal its logits decoded
+alone (to float rounding).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from envs.prompting import left_pad
+from policies.kv_cache import cache_kwargs
 from serve.fused_step import fused_step, supports_fused
+
+MIN_SHARED_PREFIX = 8
+"""Shared prefixes shorter than this are computed again (not worth the bookkeeping)."""
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -33,13 +43,41 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [extra, 0])  # F.pad lists dimensions from the last
 
 
+class SharedPrefix:
+    """The keys and values of one earlier prompt, whose leading tokens later prompts may share."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (1, H_kv, P, D)
+
+    def match(self, prompts: list[list[int]]) -> int:
+        """How many stored tokens every prompt starts with, each keeping at least one of its own (0 if < MIN_SHARED_PREFIX)."""
+        k = min(len(self.ids), min(map(len, prompts)) - 1)
+        for p in prompts:
+            k = next((j for j in range(k) if p[j] != self.ids[j]), k)
+        return k if k >= MIN_SHARED_PREFIX else 0
+
+    def layers(self, k: int, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``k`` columns of every layer, for ``rows`` rows: (rows, H_kv, k, D) views."""
+        return [
+            (key[:, :, :k].expand(rows, -1, -1, -1), val[:, :, :k].expand(rows, -1, -1, -1)) for key, val in self.kv
+        ]
+
+    def remember(self, prompt: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        """Store a prefilled prompt: its tokens and its real columns (``mask`` (T,)) of each layer's (1, H_kv, T, D)."""
+        real = mask.bool()
+        self.ids = list(prompt)
+        self.kv = [(key[:1, :, real].clone(), val[:1, :, real].clone()) for key, val in kv]
+
+
 class RunningBatch:
     """Rows of live sequences in one KV cache; ``mask`` (B, T) marks real tokens, ``pos`` (B, 1) each row's next position."""
 
-    def __init__(self, model, pad_id: int, fuse: bool | None = None):
-        self.model, self.pad_id = model, pad_id
+    def __init__(self, model, pad_id: int, fuse: bool | None = None, share_prefix: bool = True):
+        self.model, self.pad_id, self.share_prefix = model, pad_id, share_prefix
         self.fuse = supports_fused(model) if fuse is None else fuse
         self.cache = None
+        self.prefix = SharedPrefix()
         self.mask = torch.zeros((0, 0), dtype=torch.long)  # (B, T)
         self.pos = torch.zeros((0, 1), dtype=torch.long)  # (B, 1)
 
@@ -53,16 +91,35 @@ class RunningBatch:
 
     @torch.inference_mode()
     def admit(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Prefill new prompts and append them as the last rows -> their next-token logits (n, V)."""
-        ids, mask = left_pad(prompts, self.pad_id)  # (n, Tn)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, Tn)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        """Prefill new prompts (after the prefix they share with an earlier one) as the last rows -> their next-token logits (n, V)."""
+        k, ids, mask = self._suffixes(prompts)  # (n, S)
+        positions = k + (mask.cumsum(-1) - 1).clamp(min=0)  # (n, S)
+        full = torch.cat([torch.ones((len(prompts), k), dtype=mask.dtype), mask], 1)  # (n, k + S)
+        past = {}
+        if k:
+            shared = [(key.contiguous(), val.contiguous()) for key, val in self.prefix.layers(k, len(prompts))]
+            past = cache_kwargs(self.model, DynamicCache(ddp_cache_data=shared))
+        out = self.model(
+            input_ids=ids, attention_mask=full, position_ids=positions, use_cache=True, logits_to_keep=1, **past
+        )
+        new_kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+        self._remember(prompts, k, new_kv, full)
         pos = positions[:, -1:] + 1  # (n, 1)
         if self.cache is None:
-            self.cache, self.mask, self.pos = out.cache, mask, pos
+            self.cache, self.mask, self.pos = out.cache, full, pos
         else:
-            self._stack([(layer.keys, layer.values) for layer in out.cache.layers], mask, pos)
+            self._stack(new_kv, full, pos)
         return out.logits[:, -1]
+
+    def _suffixes(self, prompts: list[list[int]]) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(shared prefix length k, left-padded suffixes after it (n, S), their mask (n, S))."""
+        k = self.prefix.match(prompts) if self.share_prefix else 0
+        return (k, *left_pad([p[k:] for p in prompts], self.pad_id))
+
+    def _remember(self, prompts: list[list[int]], k: int, kv, mask: torch.Tensor) -> None:
+        """Without a usable shared prefix, the first new prompt becomes the one later prompts may share."""
+        if not k:
+            self.prefix.remember(prompts[0], [(key[:1], val[:1]) for key, val in kv], mask[0])
 
     def _stack(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, pos: torch.Tensor) -> None:
         """Append rows (their per-layer keys/values, mask and next positions) below the running ones."""
@@ -78,14 +135,17 @@ class RunningBatch:
         """:meth:`step` for the running rows and :meth:`admit` for new prompts -> logits (B + n, V), in one pass if it can."""
         if not self.fuse or self.cache is None:
             return torch.cat([self.step(next_ids), self.admit(prompts)])
-        ids, mask = left_pad(prompts, self.pad_id)  # (n, L)
+        k, ids, mask = self._suffixes(prompts)  # (n, S)
         self.mask = torch.cat([self.mask, torch.ones((self.rows, 1), dtype=self.mask.dtype)], 1)  # (B, W+1)
         kv = [(layer.keys, layer.values) for layer in self.cache.layers]
-        logits, appended, prefilled = fused_step(self.model, kv, self.mask, self.pos, next_ids, ids, mask)
+        shared = self.prefix.layers(k, len(prompts)) if k else None
+        logits, appended, prefilled = fused_step(self.model, kv, self.mask, self.pos, next_ids, ids, mask, shared)
         for layer, (keys, values) in zip(self.cache.layers, appended):
             layer.keys, layer.values = torch.cat([layer.keys, keys], 2), torch.cat([layer.values, values], 2)
         self.pos = self.pos + 1
-        self._stack(prefilled, mask, mask.sum(-1, keepdim=True))
+        full = torch.cat([torch.ones((len(prompts), k), dtype=mask.dtype), mask], 1)  # (n, k + S)
+        self._remember(prompts, k, prefilled, full)
+        self._stack(prefilled, full, k + mask.sum(-1, keepdim=True))
         return logits
 
     @torch.inference_mode()

@@ -240,3 +240,32 @@ def test_a_long_decode_after_a_row_leaves_matches_one_full_forward(engine, fuse)
     with torch.inference_mode():
         want = engine.model(torch.tensor(tokens)).logits[0, -1]
     assert torch.allclose(logits[0], want, atol=1e-4)
+
+
+SHARED = "the film was a story of a man and a dog and the city they lived in and it was"
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_prompts_sharing_an_earlier_prompts_start_reuse_its_keys_and_match_decoding_alone(engine, fuse):
+    """A later prompt that starts like an earlier one prefills only its suffix; its logits are the model's own."""
+    first, later = (
+        engine.encode_prompt(SHARED + " bad"),
+        [engine.encode_prompt(SHARED + e) for e in (" good", " fine and fun")],
+    )
+    batch = RunningBatch(engine.model, engine.pad_id, fuse=fuse)
+    logits = batch.admit([first])
+    assert batch.prefix.ids == first
+    assert batch.prefix.match(later) == len(engine.encode_prompt(SHARED)) >= 8
+    assert batch.prefix.match([engine.encode_prompt("a different start " + SHARED)]) == 0
+    got = batch.step_and_admit(logits.argmax(-1), later)  # one running row, two joining after the shared prefix
+    tokens = [first + [int(logits.argmax(-1)[0])], *later]
+    for i, row in enumerate(tokens):
+        with torch.inference_mode():
+            want = engine.model(torch.tensor([row])).logits[0, -1]
+        assert torch.allclose(got[i], want, atol=1e-5)
+    nxt = got.argmax(-1)
+    after = batch.step(nxt)  # and the cached rows (shared columns, padding, suffix) decode on correctly
+    for i, row in enumerate(tokens):
+        with torch.inference_mode():
+            want = engine.model(torch.tensor([row + [int(nxt[i])]])).logits[0, -1]
+        assert torch.allclose(after[i], want, atol=1e-5)
