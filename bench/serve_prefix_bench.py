@@ -73,7 +73,7 @@ def main() -> None:
     gap = max(float((a["logits"] - b["logits"]).abs().max()) for a, b in zip(runs[True], runs[False]))
     shared = RunningBatch(engine.model, engine.pad_id)
     shared.admit(prompts[:1])
-    k = shared.prefix.match(prompts[1:])
+    k = shared.prefix.match(prompts[1:], own=1)
     table = {}
     print(
         f"model {args.model}, {args.threads} thread(s), median of {args.rounds} rounds; prompts {min(map(len, prompts))}-"

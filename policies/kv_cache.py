@@ -35,6 +35,42 @@ MIN_SHARED_PREFIX = 4
 """Shorter shared prefixes are not worth reusing; the next prefill then becomes the stored prefix."""
 
 
+class SharedPrefix:
+    """The keys and values of an earlier sequence whose leading tokens later ones may share (a chat template's system turn, an instruction).
+
+    The sampler's cache and the server's running batch both prefill only what follows it.
+    """
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (1, H_kv, P, D)
+
+    def match(self, seqs: list[list[int]], own: int = 0) -> int:
+        """How many stored tokens every sequence starts with, each keeping at least ``own`` tokens of its own."""
+        k = max(0, min(len(self.ids), min(map(len, seqs)) - own))
+        for s in seqs:
+            k = next((j for j in range(k) if s[j] != self.ids[j]), k)
+        return k
+
+    def layers(self, k: int, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``k`` columns of every layer for ``rows`` rows: (rows, H_kv, k, D) views."""
+        return [
+            (key[:, :, :k].expand(rows, -1, -1, -1), val[:, :, :k].expand(rows, -1, -1, -1)) for key, val in self.kv
+        ]
+
+    def update(self, seq: list[int], k: int, kv: list[tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor) -> None:
+        """After a prefill that reused ``k`` tokens: keep the shared part, or (k < MIN_SHARED_PREFIX) store ``seq`` instead.
+
+        ``kv``: per layer the prefill's (keys, values) (R, H_kv, T, D), ``seq``'s in row 0 with its real columns ``valid`` (T,).
+        """
+        if k >= MIN_SHARED_PREFIX:
+            self.ids = self.ids[:k]
+            return
+        real = valid.bool()
+        self.ids = list(seq)
+        self.kv = [(key[:1, :, real].clone(), val[:1, :, real].clone()) for key, val in kv]
+
+
 class PrefixKVCache:
     """Batched per-slot KV cache keyed by token prefix. Call :meth:`clear` after a weight update."""
 
@@ -47,8 +83,7 @@ class PrefixKVCache:
         self.mask: torch.Tensor | None = None  # (B, L) bool: cache column holds a token of that row
         self.prev_ids: torch.Tensor | None = None  # (B, W) the contexts seen last call
         self.prev_len: torch.Tensor | None = None  # (B,)
-        self.prefix_ids: torch.Tensor | None = None  # (K,) a prefix contexts may share ...
-        self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # ... and its KV per layer (1, H, K, D)
+        self.prefix = SharedPrefix()  # a prefix contexts may share, and its KV
         self.hits = self.misses = 0
 
     def _hit_rows(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -88,14 +123,6 @@ class PrefixKVCache:
         self.prev_ids, self.prev_len = ids.clone(), lengths.clone()
         return out.logits[:, -1].float()  # (B, V)
 
-    def _shared_prefix(self, ctx: torch.Tensor, n: torch.Tensor) -> int:
-        """Length of the stored prefix that every missed context starts with (ctx (R, W), n (R,))."""
-        if self.prefix_ids is None:
-            return 0
-        k = min(len(self.prefix_ids), int(n.min()))
-        same = (ctx[:, :k] == self.prefix_ids[None, :k]).all(0)  # (k,)
-        return k if bool(same.all()) else int((~same).nonzero()[0])
-
     def _prefill(self, lm, ids: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> None:
         """Run contexts-minus-last-token of `rows` through the model and put them into the cache.
 
@@ -107,7 +134,8 @@ class PrefixKVCache:
         if int(n.max()) == 0:
             self.mask[rows] = False
             return
-        k = self._shared_prefix(ids[rows], n)
+        contexts = [ids[r, :m].tolist() for r, m in zip(rows.tolist(), n.tolist())]
+        k = self.prefix.match(contexts)
         S = int((n - k).max())  # longest own suffix
         col = torch.arange(S)[None, :]
         pad = S - (n - k)[:, None]  # left padding of each suffix, between shared prefix and suffix
@@ -115,19 +143,8 @@ class PrefixKVCache:
         src = (k + col - pad).clamp(min=0)
         x = torch.where(col >= pad, ids[rows].gather(1, src), 0)  # (R, S)
         pos = torch.where(col >= pad, k + col - pad, 0)
-        past = (
-            DynamicCache(
-                ddp_cache_data=[
-                    (
-                        pk[:, :, :k].expand(len(rows), -1, -1, -1).contiguous(),
-                        pv[:, :, :k].expand(len(rows), -1, -1, -1).contiguous(),
-                    )
-                    for pk, pv in self.prefix_kv
-                ]
-            )
-            if k
-            else DynamicCache()
-        )
+        shared = [(key.contiguous(), val.contiguous()) for key, val in self.prefix.layers(k, len(rows))]
+        past = DynamicCache(ddp_cache_data=shared) if k else DynamicCache()
         if S:
             decoder(lm)(
                 input_ids=x.to(lm.device),
@@ -136,14 +153,7 @@ class PrefixKVCache:
                 use_cache=True,
                 **cache_kwargs(decoder(lm), past),
             )
-        if k < MIN_SHARED_PREFIX:  # remember this context as the prefix later prompts may share
-            first = int(n[0])
-            self.prefix_ids = ids[rows[0], :first].clone()
-            self.prefix_kv = [
-                (lay.keys[:1, :, valid[0]].clone(), lay.values[:1, :, valid[0]].clone()) for lay in past.layers
-            ]
-        else:
-            self.prefix_ids = self.prefix_ids[:k]
+        self.prefix.update(contexts[0], k, [(lay.keys, lay.values) for lay in past.layers], valid[0])
         self._merge(past, rows, valid, L)
 
     def _merge(self, new: DynamicCache, rows: torch.Tensor, valid: torch.Tensor, L: int) -> None:

@@ -12,7 +12,8 @@ and one decoding step feeds one token per row. Sequences join and leave between 
 - :meth:`RunningBatch.keep` drops the other rows, then the leading columns no remaining row
   attends to, so the width shrinks back when a long sequence leaves.
 - Prompts that start like an earlier prompt (a chat template's system turn, a shared instruction:
-  36 of the demo's 61 prompt tokens) reuse that prompt's keys and values (:class:`SharedPrefix`)
+  36 of the demo's 61 prompt tokens) reuse that prompt's keys and values
+  (:class:`policies.kv_cache.SharedPrefix`, the sampler's mechanism)
   and prefill only their own suffix; such a row holds the shared columns, then the suffix's left
   padding, then the suffix.
 
@@ -28,11 +29,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from envs.prompting import left_pad
-from policies.kv_cache import cache_kwargs
+from policies.kv_cache import SharedPrefix, cache_kwargs
 from serve.fused_step import fused_step, supports_fused
-
-MIN_SHARED_PREFIX = 8
-"""Shared prefixes shorter than this are computed again (not worth the bookkeeping)."""
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -41,33 +39,6 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     if extra <= 0:
         return t
     return F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [extra, 0])  # F.pad lists dimensions from the last
-
-
-class SharedPrefix:
-    """The keys and values of one earlier prompt, whose leading tokens later prompts may share."""
-
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (1, H_kv, P, D)
-
-    def match(self, prompts: list[list[int]]) -> int:
-        """How many stored tokens every prompt starts with, each keeping at least one of its own (0 if < MIN_SHARED_PREFIX)."""
-        k = min(len(self.ids), min(map(len, prompts)) - 1)
-        for p in prompts:
-            k = next((j for j in range(k) if p[j] != self.ids[j]), k)
-        return k if k >= MIN_SHARED_PREFIX else 0
-
-    def layers(self, k: int, rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first ``k`` columns of every layer, for ``rows`` rows: (rows, H_kv, k, D) views."""
-        return [
-            (key[:, :, :k].expand(rows, -1, -1, -1), val[:, :, :k].expand(rows, -1, -1, -1)) for key, val in self.kv
-        ]
-
-    def remember(self, prompt: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
-        """Store a prefilled prompt: its tokens and its real columns (``mask`` (T,)) of each layer's (1, H_kv, T, D)."""
-        real = mask.bool()
-        self.ids = list(prompt)
-        self.kv = [(key[:1, :, real].clone(), val[:1, :, real].clone()) for key, val in kv]
 
 
 class RunningBatch:
@@ -92,9 +63,8 @@ class RunningBatch:
     @torch.inference_mode()
     def admit(self, prompts: list[list[int]]) -> torch.Tensor:
         """Prefill new prompts (after the prefix they share with an earlier one) as the last rows -> their next-token logits (n, V)."""
-        k, ids, mask = self._suffixes(prompts)  # (n, S)
+        k, ids, mask, full = self._suffixes(prompts)
         positions = k + (mask.cumsum(-1) - 1).clamp(min=0)  # (n, S)
-        full = torch.cat([torch.ones((len(prompts), k), dtype=mask.dtype), mask], 1)  # (n, k + S)
         past = {}
         if k:
             shared = [(key.contiguous(), val.contiguous()) for key, val in self.prefix.layers(k, len(prompts))]
@@ -111,15 +81,16 @@ class RunningBatch:
             self._stack(new_kv, full, pos)
         return out.logits[:, -1]
 
-    def _suffixes(self, prompts: list[list[int]]) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(shared prefix length k, left-padded suffixes after it (n, S), their mask (n, S))."""
-        k = self.prefix.match(prompts) if self.share_prefix else 0
-        return (k, *left_pad([p[k:] for p in prompts], self.pad_id))
+    def _suffixes(self, prompts: list[list[int]]) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(shared prefix length k, left-padded suffixes after it (n, S), their mask (n, S), the rows' mask (n, k + S))."""
+        k = self.prefix.match(prompts, own=1) if self.share_prefix else 0
+        ids, mask = left_pad([p[k:] for p in prompts], self.pad_id)
+        return k, ids, mask, torch.cat([torch.ones((len(prompts), k), dtype=mask.dtype), mask], 1)
 
-    def _remember(self, prompts: list[list[int]], k: int, kv, mask: torch.Tensor) -> None:
-        """Without a usable shared prefix, the first new prompt becomes the one later prompts may share."""
-        if not k:
-            self.prefix.remember(prompts[0], [(key[:1], val[:1]) for key, val in kv], mask[0])
+    def _remember(self, prompts: list[list[int]], k: int, kv, full: torch.Tensor) -> None:
+        """Keep the shared prefix, or store the first new prompt as the one later prompts may share."""
+        if self.share_prefix:
+            self.prefix.update(prompts[0], k, kv, full[0])
 
     def _stack(self, new_kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, pos: torch.Tensor) -> None:
         """Append rows (their per-layer keys/values, mask and next positions) below the running ones."""
@@ -135,7 +106,7 @@ class RunningBatch:
         """:meth:`step` for the running rows and :meth:`admit` for new prompts -> logits (B + n, V), in one pass if it can."""
         if not self.fuse or self.cache is None:
             return torch.cat([self.step(next_ids), self.admit(prompts)])
-        k, ids, mask = self._suffixes(prompts)  # (n, S)
+        k, ids, mask, full = self._suffixes(prompts)
         self.mask = torch.cat([self.mask, torch.ones((self.rows, 1), dtype=self.mask.dtype)], 1)  # (B, W+1)
         kv = [(layer.keys, layer.values) for layer in self.cache.layers]
         shared = self.prefix.layers(k, len(prompts)) if k else None
@@ -143,7 +114,6 @@ class RunningBatch:
         for layer, (keys, values) in zip(self.cache.layers, appended):
             layer.keys, layer.values = torch.cat([layer.keys, keys], 2), torch.cat([layer.values, values], 2)
         self.pos = self.pos + 1
-        full = torch.cat([torch.ones((len(prompts), k), dtype=mask.dtype), mask], 1)  # (n, k + S)
         self._remember(prompts, k, prefilled, full)
         self._stack(prefilled, full, k + mask.sum(-1, keepdim=True))
         return logits

@@ -73,5 +73,5 @@ def test_shared_prompt_prefix_is_reused_and_exact():
         torch.testing.assert_close(got, uncached_logits(lm, ids, lengths), atol=2e-5, rtol=1e-5)
         for b in range(B):
             ctx[b] = new_prompt(1 + (step + b) % 5) if len(ctx[b]) >= 16 + b else ctx[b] + [int(got[b].argmax())]
-    assert cache.prefix_ids.tolist() == system
+    assert cache.prefix.ids == system
     assert computed[0] == 12 and max(computed[2:]) <= 5  # after the first prefill, only each prompt's own suffix

@@ -255,8 +255,8 @@ def test_prompts_sharing_an_earlier_prompts_start_reuse_its_keys_and_match_decod
     batch = RunningBatch(engine.model, engine.pad_id, fuse=fuse)
     logits = batch.admit([first])
     assert batch.prefix.ids == first
-    assert batch.prefix.match(later) == len(engine.encode_prompt(SHARED)) >= 8
-    assert batch.prefix.match([engine.encode_prompt("a different start " + SHARED)]) == 0
+    assert batch.prefix.match(later, own=1) == len(engine.encode_prompt(SHARED)) >= 8
+    assert batch.prefix.match([engine.encode_prompt("a different start " + SHARED)], own=1) == 0
     got = batch.step_and_admit(logits.argmax(-1), later)  # one running row, two joining after the shared prefix
     tokens = [first + [int(logits.argmax(-1)[0])], *later]
     for i, row in enumerate(tokens):
