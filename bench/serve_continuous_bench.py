@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
-from serve_bench import PROMPTS, drive, percentile, start_apps, summarize
+from serve_bench import PROMPTS, drive, percentile, start_apps, summarize, window_line
 
 MODES = ("continuous", "static")
 
@@ -132,17 +132,20 @@ def report(closed: dict, open_: dict, rate: float, args, streamed: dict | None =
         f"\nmodel {args.model} ({args.dtype}), {args.tokens}-token completions, {args.threads} torch thread(s) per replica"
     )
     print(f"closed loop, {args.clients} clients:")
-    print(f"  {'mode':<11} {'req/s':>7} {'p50 s':>7} {'p99 s':>7} {'rows/step':>9} {'n':>5} {'err':>4}")
+    print(f"  {'mode':<11} {'req/s':>7} {'done/s':>7} {'p50 s':>7} {'p99 s':>7} {'rows/step':>9} {'n':>5} {'err':>4}")
     for mode, r in closed.items():
         print(
-            f"  {mode:<11} {r['requests_per_s']:7.2f} {r['p50_latency_s']:7.2f} {r['p99_latency_s']:7.2f} "
-            f"{r['mean_rows']:9.1f} {r['requests']:5d} {r['errors']:4d}"
+            f"  {mode:<11} {r['requests_per_s']:7.2f} {r['completed_per_s']:7.2f} {r['p50_latency_s']:7.2f} "
+            f"{r['p99_latency_s']:7.2f} {r['mean_rows']:9.1f} {r['requests']:5d} {r['errors']:4d}"
         )
     for mode, r in (streamed or {}).items():
         print(
-            f"  {mode + ' sse':<11} {r['requests_per_s']:7.2f} {r['p50_latency_s']:7.2f} "
+            f"  {mode + ' sse':<11} {r['requests_per_s']:7.2f} {r['completed_per_s']:7.2f} {r['p50_latency_s']:7.2f} "
             f"{r['p99_latency_s']:7.2f} {'':>9} {r['requests']:5d} {r['errors']:4d}"
         )
+    print(
+        "  (req/s: tokens the server sampled in the windows / tokens per request; done/s: requests completed in them)"
+    )
     kind = "streamed " if streamed else ""
     print(f"Poisson arrivals at {rate:.2f} req/s ({args.load:.0%} of static's {kind}closed-loop req/s), streamed:")
     head = f"{'req/s':>7} {'TTFT':>7} {'p99TTFT':>7} {'p50 s':>7} {'p99 s':>7} {'rows':>5} {'ms/step':>7}"
@@ -156,12 +159,14 @@ def report(closed: dict, open_: dict, rate: float, args, streamed: dict | None =
     c, s, pc, ps = closed["continuous"], closed["static"], open_["continuous"], open_["static"]
     ratios = {
         "closed_loop_req_s": c["requests_per_s"] / s["requests_per_s"],
+        "closed_loop_req_s_rounds": [a / b for a, b in zip(c["rounds_req_s"], s["rounds_req_s"])],
         "poisson_p99_latency": pc["p99_latency_s"] / ps["p99_latency_s"],
         "poisson_mean_ttft": pc["mean_ttft_s"] / ps["mean_ttft_s"],
         "poisson_throughput": pc["throughput_req_s"] / ps["throughput_req_s"],
     }
     print("continuous / static:")
-    print(f"  closed-loop req/s    {ratios['closed_loop_req_s']:.2f}x (target >= 1.0)")
+    rounds = ", ".join(f"{x:.2f}" for x in ratios["closed_loop_req_s_rounds"])
+    print(f"  closed-loop req/s    {ratios['closed_loop_req_s']:.2f}x (target >= 1.0; rounds: {rounds})")
     print(f"  Poisson p99 latency  {ratios['poisson_p99_latency']:.2f}x (target <= 0.5)")
     print(f"  Poisson mean TTFT    {ratios['poisson_mean_ttft']:.2f}x (target <= 0.3)")
     print(f"  Poisson throughput   {ratios['poisson_throughput']:.2f}x (target >= 1.0)")
@@ -214,15 +219,17 @@ def main() -> None:
                 print(f"round {round_ + 1}/{args.rounds}: closed loop, {mode}", flush=True)
                 run = asyncio.run(drive(urls[mode], model, args.clients, args.tokens, args.duration, args.warmup))
                 closed_runs[mode].append(run)
-                print(f"  {len(run['latencies']) / args.duration:.2f} req/s", flush=True)
+                print(window_line(run, args.tokens), flush=True)
             if args.capacity == "streamed":
                 print(f"round {round_ + 1}/{args.rounds}: closed loop, static, streamed", flush=True)
                 run = asyncio.run(
                     drive(urls["static"], model, args.clients, args.tokens, args.duration, args.warmup, post_streamed)
                 )
                 streamed_runs.append(run)
-                print(f"  {len(run['latencies']) / args.duration:.2f} req/s", flush=True)
+                print(window_line(run, args.tokens), flush=True)
         closed = {m: summarize(closed_runs[m], args.tokens) for m in MODES}
+        for mode in MODES:
+            closed[mode]["rounds_req_s"] = [r["served_tokens"] / r["served_s"] / args.tokens for r in closed_runs[mode]]
         for mode in MODES:
             closed[mode]["mean_rows"] = httpx.get(urls[mode] + "/healthz").json()["batching"]["mean_rows"]
         streamed = {"static": summarize(streamed_runs, args.tokens)} if streamed_runs else {}
