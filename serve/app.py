@@ -19,6 +19,7 @@ served responses. Prompts and responses reach the log only with ``serve.log_requ
 import asyncio
 import logging
 import random
+import sys
 from dataclasses import replace
 
 import torch
@@ -77,6 +78,7 @@ class PolicyServer:
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)  # the replica's process is its own
         self.engine = GenerationEngine.from_spec(
             model, settings.max_tokens_limit, settings.dtype, settings.pack_weights
         )

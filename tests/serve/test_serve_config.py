@@ -91,6 +91,8 @@ def test_deployment_options_follow_the_config():
         load_config(None, ["serve.look_back_period_s=5"])
     with pytest.raises(ConfigError, match="serve.dtype"):
         load_config(None, ["serve.dtype=int4"])
+    with pytest.raises(ConfigError, match="serve.gil_switch_interval_ms"):
+        load_config(None, ["serve.gil_switch_interval_ms=0"])
 
 
 def test_resolve_policy_accepts_model_and_run_directories(tiny_policy_dir, tmp_path):
