@@ -140,7 +140,8 @@ def start_apps(args: argparse.Namespace, apps: dict[str, list[str]], common: lis
     from cluster.serving import start_app
     from policies.export import resolve_policy
 
-    ray.init(address="local", num_cpus=2 * args.cpus, include_dashboard=False, log_to_driver=False)
+    cpus = max(2, len(apps)) * args.cpus  # Ray's logical CPUs: room for every application's replica
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     base = [f"serve.port={args.port}", f"serve.num_cpus_per_replica={args.cpus}", f"run.torch_threads={args.threads}"]
     urls = {
         name: start_app(args.model, load_config(None, base + common + extra), name=name, route_prefix=f"/{name}")

@@ -42,8 +42,8 @@ class ServeSettings(Settings):
     about 1.5x faster decoding steps at 4-16 sequences; off = plain nn.Linear)."""
     gil_switch_interval_ms: float = Field(0.5, gt=0)
     """Python's GIL switch interval in a replica (its default is 5 ms): after each torch op the generation thread
-    waits at most this long for the GIL while the event loop streams responses; at 5 ms streaming 16 responses
-    made each decoding step 13-15% slower, at 0.5 ms 3-4% (bench/results/serve.md)."""
+    waits at most this long for the GIL while the event loop streams responses; 0.5 ms served 1.08-1.12x the
+    streamed requests/s of 5 ms with 16 clients (bench/serve_gil_bench.py)."""
     min_replicas: int = Field(1, ge=0)
     """Autoscaling lower bound."""
     max_replicas: int = Field(1, ge=1)
