@@ -113,17 +113,22 @@ def poisson_summary(runs: list[dict]) -> dict:
     }
 
 
-def start(args: argparse.Namespace) -> tuple[dict[str, str], str]:
-    """Start Ray and the two applications; return their URLs and the served model id."""
-    common = [
+def common_overrides(batch_wait: float, dtype: str = "float32") -> list[str]:
+    """The serve settings every application of a batching comparison shares (16 rows, room to queue)."""
+    return [
         "serve.max_tokens_limit=256",
         "serve.max_batch_size=16",
         "serve.max_queue=64",
         "serve.max_ongoing_requests=128",
-        f"serve.batch_wait_timeout_s={args.batch_wait}",
-        f"serve.dtype={args.dtype}",
+        f"serve.batch_wait_timeout_s={batch_wait}",
+        f"serve.dtype={dtype}",
     ]
-    return start_apps(args, {mode: [f"serve.batching={mode}"] for mode in MODES}, common)
+
+
+def start(args: argparse.Namespace) -> tuple[dict[str, str], str]:
+    """Start Ray and the two applications; return their URLs and the served model id."""
+    modes = {mode: [f"serve.batching={mode}"] for mode in MODES}
+    return start_apps(args, modes, common_overrides(args.batch_wait, args.dtype))
 
 
 def report(closed: dict, open_: dict, rate: float, args, streamed: dict | None = None) -> dict:

@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from serve_bench import drive, start_apps, summarize, window_line
-from serve_continuous_bench import loop_stats, post_streamed
+from serve_continuous_bench import common_overrides, loop_stats, post_streamed
 
 MODES = ("continuous", "static")
 DEFAULT_MS = 5.0  # sys.getswitchinterval() of a fresh interpreter
@@ -51,13 +51,7 @@ def main() -> None:
     from ray import serve
 
     names = {f"{mode}_{ms:g}ms": (mode, ms) for ms in (DEFAULT_MS, args.interval) for mode in MODES}
-    common = [
-        "serve.max_tokens_limit=256",
-        "serve.max_batch_size=16",
-        "serve.max_queue=64",
-        "serve.max_ongoing_requests=128",
-        f"serve.batch_wait_timeout_s={args.batch_wait}",
-    ]
+    common = common_overrides(args.batch_wait)
     apps = {
         name.replace(".", "_"): [f"serve.batching={mode}", f"serve.gil_switch_interval_ms={ms}"]
         for name, (mode, ms) in names.items()
