@@ -42,8 +42,9 @@ class ServeSettings(Settings):
     about 1.5x faster decoding steps at 4-16 sequences; off = plain nn.Linear)."""
     gil_switch_interval_ms: float = Field(0.5, gt=0)
     """Python's GIL switch interval in a replica (its default is 5 ms): after each torch op the generation thread
-    waits at most this long for the GIL while the event loop streams responses; 0.5 ms served 1.08-1.12x the
-    streamed requests/s of 5 ms with 16 clients (bench/serve_gil_bench.py)."""
+    waits at most this long for the GIL while the event loop streams responses. Two A/B runs of
+    bench/serve_gil_bench.py: 0.5 ms made decoding steps 0-11% shorter; requests/s moved 0.87-1.12x, within
+    the 2-core machine's run-to-run noise."""
     min_replicas: int = Field(1, ge=0)
     """Autoscaling lower bound."""
     max_replicas: int = Field(1, ge=1)
