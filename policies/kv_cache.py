@@ -58,6 +58,12 @@ class SharedPrefix:
             (key[:, :, :k].expand(rows, -1, -1, -1), val[:, :, :k].expand(rows, -1, -1, -1)) for key, val in self.kv
         ]
 
+    def cache(self, k: int, rows: int) -> DynamicCache:
+        """A cache holding the first ``k`` columns for ``rows`` rows (contiguous copies; empty when ``k`` is 0)."""
+        return DynamicCache(
+            ddp_cache_data=[(a.contiguous(), b.contiguous()) for a, b in self.layers(k, rows)] if k else None
+        )
+
     def update(self, seq: list[int], k: int, kv: list[tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor) -> None:
         """After a prefill that reused ``k`` tokens: keep the shared part, or (k < MIN_SHARED_PREFIX) store ``seq`` instead.
 
@@ -143,8 +149,7 @@ class PrefixKVCache:
         src = (k + col - pad).clamp(min=0)
         x = torch.where(col >= pad, ids[rows].gather(1, src), 0)  # (R, S)
         pos = torch.where(col >= pad, k + col - pad, 0)
-        shared = [(key.contiguous(), val.contiguous()) for key, val in self.prefix.layers(k, len(rows))]
-        past = DynamicCache(ddp_cache_data=shared) if k else DynamicCache()
+        past = self.prefix.cache(k, len(rows))
         if S:
             decoder(lm)(
                 input_ids=x.to(lm.device),

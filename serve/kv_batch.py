@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from envs.prompting import left_pad
 from policies.kv_cache import SharedPrefix, cache_kwargs
@@ -65,10 +64,7 @@ class RunningBatch:
         """Prefill new prompts (after the prefix they share with an earlier one) as the last rows -> their next-token logits (n, V)."""
         k, ids, mask, full = self._suffixes(prompts)
         positions = k + (mask.cumsum(-1) - 1).clamp(min=0)  # (n, S)
-        past = {}
-        if k:
-            shared = [(key.contiguous(), val.contiguous()) for key, val in self.prefix.layers(k, len(prompts))]
-            past = cache_kwargs(self.model, DynamicCache(ddp_cache_data=shared))
+        past = cache_kwargs(self.model, self.prefix.cache(k, len(prompts))) if k else {}
         out = self.model(
             input_ids=ids, attention_mask=full, position_ids=positions, use_cache=True, logits_to_keep=1, **past
         )
