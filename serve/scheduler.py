@@ -89,8 +89,11 @@ class Scheduler:
         mode: Literal["continuous", "static"] = "continuous",
         batch_wait_s: float = 0.0,
         on_step: Callable[[Scheduler], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.engine, self.mode, self.batch_wait_s, self.on_step = engine, mode, batch_wait_s, on_step
+        self.clock = clock
+        """Seconds for the requests' timelines and the static wait (bench/serve_queue_model.py passes a virtual one)."""
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.batch = RunningBatch(engine.model, engine.pad_id)
         self.rows: list[_Row] = []
@@ -161,10 +164,10 @@ class Scheduler:
 
     def _iterate(self) -> bool:
         self._retire()
-        admitted = self._take(time.perf_counter())
+        admitted = self._take(self.clock())
         if not self.rows and not admitted:
             return False
-        start = time.perf_counter()
+        start = self.clock()
         try:
             new = self._decode(admitted)
         except Exception as err:  # noqa: BLE001 - handed to every request of the batch
@@ -173,7 +176,7 @@ class Scheduler:
             self._fail(failed, err)
             return True
         self._emit(new)
-        self.counts.step_seconds += time.perf_counter() - start
+        self.counts.step_seconds += self.clock() - start
         self._report()
         return True
 
@@ -199,7 +202,7 @@ class Scheduler:
         keep = [i for i, r in enumerate(self.rows) if r.dec.finish is None and not r.request.cancelled]
         if len(keep) == len(self.rows):
             return
-        now = time.perf_counter()
+        now = self.clock()
         for r in self.rows:
             if r.request.cancelled and r.request.live > 0:
                 r.request.live = 0
@@ -219,7 +222,7 @@ class Scheduler:
                 self.queued -= len(req.jobs)
                 self.counts.cancelled += 1
                 self._send(req, None)
-            if self._admit_delay(now) != 0:
+            if self.admit_delay(now) != 0:
                 return []
             taken, rows = [], len(self.rows)
             while self.waiting and rows + len(self.waiting[0].jobs) <= self.max_batch_size:
@@ -228,7 +231,7 @@ class Scheduler:
                 self.queued -= len(taken[-1].jobs)
             return taken
 
-    def _admit_delay(self, now: float) -> float | None:
+    def admit_delay(self, now: float) -> float | None:
         """Seconds to wait before admitting (0 = now), or None when nothing waits or nothing may join yet."""
         if not self.waiting:
             return None
@@ -247,7 +250,7 @@ class Scheduler:
             logits = self.batch.step_and_admit(self.pending, prompts)  # (B_old + B_new, V)
         else:
             logits = self.batch.step(self.pending) if self.rows else self.batch.admit(prompts)
-        now = time.perf_counter()
+        now = self.clock()
         for req in admitted:
             req.admitted, req.live = now, len(req.jobs)
             self.rows += [_Row(req, i, self.engine.start(job)) for i, job in enumerate(req.jobs)]
@@ -267,7 +270,7 @@ class Scheduler:
         return steps
 
     def _emit(self, steps: dict[Request, Step]) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         for req, step in steps.items():
             if req.first_token is None:
                 req.first_token = now
@@ -305,7 +308,7 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - a bug in one iteration must not stop serving
                 logger.exception("generation loop iteration failed")
             with self._cv:
-                delay = self._admit_delay(time.perf_counter())
+                delay = self.admit_delay(self.clock())
                 if delay != 0 and not self._stopping:
                     self._cv.wait(timeout=1.0 if delay is None else min(delay, 1.0))
             if not self.rows:  # idle: keep the gauges fresh (Ray drops a gauge that is not re-set)
