@@ -156,6 +156,7 @@ def start(args: argparse.Namespace) -> tuple[dict[str, str], str]:
         "serve.max_tokens_limit=256",
         "serve.max_ongoing_requests=64",
         f"serve.batch_wait_timeout_s={args.batch_wait}",
+        f"serve.dtype={args.dtype}",
     ]
     return start_apps(
         args, {"batched": [f"serve.max_batch_size={args.clients}"], "unbatched": ["serve.max_batch_size=1"]}, common
@@ -183,6 +184,7 @@ def main() -> None:
         default=0.1,
         help="serve.batch_wait_timeout_s of the batched deployment (a wave of requests through the proxy spreads over tens of ms)",
     )
+    p.add_argument("--dtype", default="float32", help="serve.dtype of both (float32: the recorded results' dtype)")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args()

@@ -10,6 +10,13 @@ Results equal the plain layer's to float rounding (about 3e-5 of a logit, the sa
 the maths is float32 throughout. On a tiny model (weights that fit in cache) the packed call's
 overhead makes it slower; the gain is for real models.
 
+``matmul_dtype=torch.bfloat16`` packs a bfloat16 copy of the weight instead and runs each call's
+product in bfloat16 (the input rounded to bfloat16, float32 accumulation inside oneDNN, the output
+returned in the input's dtype), so everything between the Linear layers (norms, attention, the
+residual stream) stays float32. On CPUs with AVX-512 BF16 (``vdpbf16ps``) or AMX the product runs
+natively: about 1.8x faster than the float32 packed one for SmolLM2's shapes at 8-16 rows, with half
+the weight memory; elsewhere oneDNN emulates it, slower.
+
 :func:`pack_linear_layers` swaps every plain float32 ``nn.Linear`` of a model for a
 :class:`PackedLinear` holding the packed copy. The packed layer has no parameters (it cannot be
 trained or saved), so it is for models that only generate: the served policy. Where the private op
@@ -35,24 +42,29 @@ def packing_available() -> bool:
 
 
 class PackedLinear(torch.nn.Module):
-    """``y = x W^T + b`` with ``W`` reordered once for oneDNN; inference only."""
+    """``y = x W^T + b`` with ``W`` reordered once for oneDNN (in ``matmul_dtype``); inference only."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, matmul_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
+        self.matmul_dtype = matmul_dtype
+        weight = linear.weight.detach().to(matmul_dtype)
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight), persistent=False)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
+        bias = None if linear.bias is None else linear.bias.detach().to(matmul_dtype)
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(
+            x.to(self.matmul_dtype).contiguous(), self.packed, self.bias, "none", [], ""
+        )
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
+        dtype = str(self.matmul_dtype).removeprefix("torch.")
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN, matmul={dtype}"
 
 
-def pack_linear_layers(model: torch.nn.Module) -> int:
+def pack_linear_layers(model: torch.nn.Module, matmul_dtype: torch.dtype = torch.float32) -> int:
     """Replace every plain float32 CPU ``nn.Linear`` in ``model`` by a :class:`PackedLinear`; return how many."""
     if not packing_available():
         return 0
@@ -64,6 +76,6 @@ def pack_linear_layers(model: torch.nn.Module) -> int:
                 and child.weight.dtype == torch.float32
                 and child.weight.device.type == "cpu"
             ):
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PackedLinear(child, matmul_dtype))
                 swapped += 1
     return swapped

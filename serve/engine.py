@@ -25,7 +25,7 @@ import torch
 from envs.models import ModelSettings
 from envs.prompting import chat_ids
 from policies.sampling import filter_logits, sample_tokens
-from serve.quantize import load_policy
+from serve.quantize import load_policy, resolve_dtype
 
 
 class InputError(ValueError):
@@ -126,7 +126,8 @@ class GenerationEngine:
     def from_spec(
         cls, model: ModelSettings, max_tokens_limit: int, dtype: str = "float32", pack_weights: bool = True
     ) -> GenerationEngine:
-        """Load the model the settings name ('smollm2', 'tiny', an HF directory) in a serving dtype."""
+        """Load the model the settings name ('smollm2', 'tiny', an HF directory) in a serving dtype ('auto' resolved)."""
+        dtype = resolve_dtype(dtype)
         lm, tok = load_policy(model, dtype, pack=pack_weights)
         return cls(lm, tok, max_tokens_limit=max_tokens_limit, dtype=dtype)
 

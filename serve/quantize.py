@@ -6,8 +6,13 @@ here (fbgemm/x86 kernels with AVX2); torchao's int8 configs were slower on this 
 ``quantize_dynamic`` deprecated in favour of torchao, so a torch without it fails loudly, naming the
 setting. Because the activations of each call share one scale, an int8 sequence's logits depend
 slightly on which other sequences share its batch (about 1% of the logit scale on the tiny test
-model), so a seeded request is reproducible exactly only in float32 and bfloat16. bfloat16 halves
-memory but is emulated on CPUs without AVX-512 BF16 or AMX (slower than float32).
+model), so a seeded request is reproducible exactly only in float32 and bfloat16.
+
+bfloat16 on a CPU keeps the model in float32 and packs every Linear layer's weight in bfloat16
+(:mod:`envs.packed_linear` with ``matmul_dtype=torch.bfloat16``): only the products run in
+bfloat16, norms, attention and the residual stream stay float32. That is fast where the CPU has
+AVX-512 BF16 or AMX and emulated (slower than float32) elsewhere; without oneDNN packing the whole
+model is cast to bfloat16 instead.
 """
 
 from __future__ import annotations
@@ -17,9 +22,27 @@ import warnings
 import torch
 
 from envs.models import ModelSettings, load_causal_lm
-from envs.packed_linear import pack_linear_layers
+from envs.packed_linear import pack_linear_layers, packing_available
 
 SERVE_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX) and oneDNN packing is available."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):  # pragma: no cover - older torch builds
+        return False
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16")) and packing_available()
+
+
+def resolve_dtype(dtype: str) -> str:
+    """The serving dtype ``serve.dtype`` names: 'auto' is bfloat16 where the CPU does it natively, else float32."""
+    if dtype == "auto":
+        return "bfloat16" if native_bf16() else "float32"
+    if dtype not in SERVE_DTYPES:
+        raise ValueError(f"serve.dtype must be 'auto' or one of {SERVE_DTYPES}, got {dtype!r}")
+    return dtype
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -38,17 +61,17 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_policy(model: ModelSettings, dtype: str = "float32", pack: bool = True):
-    """(causal LM in eval mode in the serving dtype, tokenizer) for a model spec or exported directory.
+    """(causal LM in eval mode in the serving dtype ('auto' resolved), tokenizer) for a model spec or exported directory.
 
-    ``pack``: float32 Linear layers get oneDNN-packed weights (:mod:`envs.packed_linear`; same maths, faster).
+    ``pack``: Linear layers get oneDNN-packed weights (:mod:`envs.packed_linear`): float32 ones the same
+    maths, faster; for bfloat16 the products in bfloat16 and the rest of the model in float32.
     """
-    if dtype not in SERVE_DTYPES:
-        raise ValueError(f"serve.dtype must be one of {SERVE_DTYPES}, got {dtype!r}")
-    lm, tok = load_causal_lm(model.policy, "bfloat16" if dtype == "bfloat16" else "float32", model.tiny_vocab_size)
-    if dtype == "bfloat16":
-        lm = lm.to(torch.bfloat16)  # 'tiny' is built in float32 whatever it is asked for
-    elif dtype == "int8":
-        lm = quantize_int8(lm.float())
-    elif pack:
+    dtype = resolve_dtype(dtype)
+    lm, tok = load_causal_lm(model.policy, "float32", model.tiny_vocab_size)
+    if dtype == "int8":
+        lm = quantize_int8(lm)
+    elif dtype == "bfloat16" and not (pack and pack_linear_layers(lm, torch.bfloat16)):
+        lm = lm.to(torch.bfloat16)
+    elif dtype == "float32" and pack:
         pack_linear_layers(lm)
     return lm.eval(), tok

@@ -34,12 +34,16 @@ class ServeSettings(Settings):
     """static batching: how long an idle replica waits for a batch to fill (continuous admits at once)."""
     max_queue: int = Field(32, ge=1)
     """Sequences waiting for a batch slot on one replica; more get 429 with Retry-After (>= max_batch_size)."""
-    dtype: Literal["float32", "bfloat16", "int8"] = "float32"
-    """Weights the policy is served in: float32; bfloat16 (fast only on CPUs with AVX-512 BF16/AMX, or GPUs);
-    int8 = dynamic quantisation of every Linear layer (int8 weights, activations quantised per call; CPU)."""
+    dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"
+    """How the policy's Linear layers multiply: float32; bfloat16 (bfloat16 weights and products, the rest of the
+    model float32; fast only on CPUs with AVX-512 BF16 or AMX); int8 = dynamic quantisation of every Linear layer
+    (int8 weights, activations quantised per call). auto = bfloat16 where the CPU multiplies it natively, else
+    float32: on SmolLM2 bfloat16 cost 0.0008 nats/token of KL to float32 for 1.43x the tokens/s
+    (bench/serve_quant_bench.py); int8 cost 2.3 nats/token, so it is never chosen for you."""
     pack_weights: bool = True
-    """float32 on a CPU: serve with the Linear weights pre-packed for oneDNN (same maths to float rounding,
-    about 1.5x faster decoding steps at 4-16 sequences; off = plain nn.Linear)."""
+    """float32 and bfloat16 on a CPU: serve with the Linear weights pre-packed for oneDNN (float32: same maths to float
+    rounding, about 1.5x faster decoding steps at 4-16 sequences; off = plain nn.Linear, and bfloat16 then casts the
+    whole model)."""
     gil_switch_interval_ms: float = Field(0.5, gt=0)
     """Python's GIL switch interval in a replica (its default is 5 ms): after each torch op the generation thread
     waits at most this long for the GIL while the event loop streams responses. Two A/B runs of

@@ -52,3 +52,20 @@ def test_pack_linear_layers_leaves_other_dtypes_and_missing_ops_alone(monkeypatc
     plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
     monkeypatch.setattr(packed_linear, "packing_available", lambda: False)
     assert pack_linear_layers(plain) == 0 and type(plain[0]) is torch.nn.Linear
+
+
+def test_bfloat16_products_round_like_bfloat16_and_return_the_input_dtype():
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(64, 96, bias=True)
+    x = torch.randn(7, 64)
+    layer = PackedLinear(plain, torch.bfloat16)
+    with torch.inference_mode():
+        got, want = layer(x), plain(x)
+        rounded = torch.nn.functional.linear(
+            x.bfloat16().float(), plain.weight.bfloat16().float(), plain.bias.bfloat16().float()
+        )
+    assert got.dtype == torch.float32 and layer.packed.dtype == torch.bfloat16
+    assert not torch.allclose(got, want, atol=1e-5)  # the product really ran in bfloat16 ...
+    assert torch.allclose(got, rounded, atol=2e-2 * want.abs().max().item())  # ... as bfloat16 inputs give
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+    assert "matmul=bfloat16" in repr(layer)

@@ -22,6 +22,7 @@ from ray import serve
 from cluster.config import load_config
 from cluster.serving import start_app
 from envs.reward_model import RewardModel
+from serve.quantize import resolve_dtype
 from tests.serve.helpers import assert_error, free_port, sse_events, start_ray
 
 KEY = "test-key-123"
@@ -77,7 +78,11 @@ def complete(client: httpx.Client, **body) -> httpx.Response:
 def test_healthz_is_open_and_reports_the_model(server):
     body = httpx.get(server["secure"] + "/healthz").json()
     assert body["status"] == "ok" and body["model"] == MODEL and body["rewards"] is True
-    assert body["max_batch_size"] == 8 and body["dtype"] == "float32" and body["batching"]["mode"] == "continuous"
+    assert (
+        body["max_batch_size"] == 8
+        and body["dtype"] == resolve_dtype("auto")
+        and body["batching"]["mode"] == "continuous"
+    )
     assert httpx.get(server["open"] + "/healthz").json()["max_batch_size"] == 1
 
 

@@ -140,3 +140,17 @@ def test_a_missing_key_file_fails_at_build(tiny_policy_dir, tmp_path):
         application(tiny_policy_dir, cfg)
     (tmp_path / "keys").write_text("k\n")
     application(tiny_policy_dir, load_config(None, [f"serve.api_keys_file={tmp_path / 'keys'}"]))
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    from serve import quantize
+    from serve.settings import ServeSettings
+
+    assert ServeSettings().dtype == "auto"
+    monkeypatch.setattr(quantize, "native_bf16", lambda: True)
+    assert quantize.resolve_dtype("auto") == "bfloat16"
+    monkeypatch.setattr(quantize, "native_bf16", lambda: False)
+    assert quantize.resolve_dtype("auto") == "float32"
+    assert quantize.resolve_dtype("int8") == "int8"  # an explicit dtype is kept
+    with pytest.raises(ValueError, match="serve.dtype"):
+        quantize.resolve_dtype("float16")

@@ -27,6 +27,7 @@ from ray import serve
 from cluster.config import load_config
 from cluster.serving import start_app
 from cluster.telemetry import publish_training_metrics
+from serve.quantize import resolve_dtype
 from tests.serve.helpers import (
     assert_error,
     free_port,
@@ -108,7 +109,7 @@ def join_mid_generation(url: str, headers: dict | None = None) -> tuple[float, f
 
 
 def test_models_report_the_served_dtype(server):
-    for name, dtype in (("cont", "float32"), ("static", "bfloat16"), ("tight", "int8")):
+    for name, dtype in (("cont", resolve_dtype("auto")), ("static", "bfloat16"), ("tight", "int8")):
         headers = {"Authorization": "Bearer k1"} if name == "tight" else {}
         models = httpx.get(server[name] + "/v1/models", headers=headers, timeout=30)
         assert models.status_code == 200, (name, models.text)
