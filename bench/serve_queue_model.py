@@ -187,9 +187,12 @@ class Replica:
         self.prompt = list(range(3, 3 + args.prompt_tokens))
         self.served = Served([], [], 0.0, 0, 0)
         self.submitted = 0
+        self.lengths = random.Random(args.length_seed)
 
     def submit(self, arrived: float, on_end=None) -> None:
-        job = self.engine.make_job(self.prompt, self.args.tokens, temperature=1.0, seed=self.submitted, ignore_eos=True)
+        spread = self.args.tokens_spread
+        tokens = self.args.tokens + (self.lengths.randint(-spread, spread) if spread else 0)
+        job = self.engine.make_job(self.prompt, tokens, temperature=1.0, seed=self.submitted, ignore_eos=True)
         self.submitted += 1
 
         request = Request([job], lambda item: None, arrived=arrived)
@@ -315,6 +318,12 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=16, help="serve.max_batch_size of both modes")
     p.add_argument("--batch-wait", type=float, default=0.1, help="static's serve.batch_wait_timeout_s")
     p.add_argument("--tokens", type=int, default=32, help="completion tokens per request (fixed, as ignore_eos)")
+    p.add_argument(
+        "--tokens-spread",
+        type=int,
+        default=0,
+        help="completion lengths uniform in tokens +- this (0: all alike, as the live bench's ignore_eos)",
+    )
     p.add_argument("--prompt-tokens", type=int, default=9, help="prompt tokens per request (the live bench's: 7-10)")
     p.add_argument("--clients", type=int, default=16, help="closed-loop clients for the capacity")
     p.add_argument(
@@ -334,13 +343,14 @@ def main() -> None:
     else:
         costs = measure_costs(*load_policy(ModelSettings(policy=args.model), args.dtype), args.rows)
     tiny_model, tiny_tok = tiny.causal_lm(vocab_size=len(tiny.tokenizer()))
-    engine = GenerationEngine(tiny_model, tiny_tok, max_tokens_limit=args.tokens)
+    args.length_seed = 0  # the same sequence of completion lengths in every run
+    engine = GenerationEngine(tiny_model, tiny_tok, max_tokens_limit=args.tokens + args.tokens_spread)
     results = {
         "measured": scenario(engine, costs, args),
         "joins free": scenario(engine, replace(costs, join_token_ms=0.0), args),
     }
     print(
-        f"\n{args.seeds} seeds x {args.duration:.0f} virtual s, {args.max_batch} rows, {args.tokens}-token completions"
+        f"\n{args.seeds} seeds x {args.duration:.0f} virtual s, {args.max_batch} rows, {args.tokens} +- {args.tokens_spread}-token completions"
     )
     for name, result in results.items():
         report(name, result)

@@ -24,7 +24,18 @@ def engine() -> GenerationEngine:
 
 
 def args(**kw) -> argparse.Namespace:
-    base = dict(max_batch=4, batch_wait=0.0, tokens=4, prompt_tokens=3, clients=1, rtt_ms=0.0, duration=1.0, warmup=0.0)
+    base = dict(
+        max_batch=4,
+        batch_wait=0.0,
+        tokens=4,
+        tokens_spread=0,
+        length_seed=0,
+        prompt_tokens=3,
+        clients=1,
+        rtt_ms=0.0,
+        duration=1.0,
+        warmup=0.0,
+    )
     return argparse.Namespace(**{**base, **kw})
 
 
