@@ -11,9 +11,9 @@ the maths is float32 throughout. On a tiny model (weights that fit in cache) the
 overhead makes it slower; the gain is for real models.
 
 ``matmul_dtype=torch.bfloat16`` packs a bfloat16 copy of the weight instead and runs each call's
-product in bfloat16 (the input rounded to bfloat16, float32 accumulation inside oneDNN, the output
-returned in the input's dtype), so everything between the Linear layers (norms, attention, the
-residual stream) stays float32. On CPUs with AVX-512 BF16 (``vdpbf16ps``) or AMX the product runs
+product in bfloat16 (the input rounded to bfloat16, float32 accumulation inside oneDNN, the result
+rounded to bfloat16 and returned in the input's dtype), so everything between the Linear layers
+(norms, attention, the residual stream) stays float32. On CPUs with AVX-512 BF16 (``vdpbf16ps``) or AMX the product runs
 natively: about 1.8x faster than the float32 packed one for SmolLM2's shapes at 8-16 rows, with half
 the weight memory; elsewhere oneDNN emulates it, slower.
 
