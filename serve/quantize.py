@@ -69,9 +69,9 @@ def load_policy(model: ModelSettings, dtype: str = "float32", pack: bool = True)
     dtype = resolve_dtype(dtype)
     lm, tok = load_causal_lm(model.policy, "float32", model.tiny_vocab_size)
     if dtype == "int8":
-        lm = quantize_int8(lm)
-    elif dtype == "bfloat16" and not (pack and pack_linear_layers(lm, torch.bfloat16)):
-        lm = lm.to(torch.bfloat16)
-    elif dtype == "float32" and pack:
-        pack_linear_layers(lm)
+        return quantize_int8(lm).eval(), tok
+    matmul = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    packed = pack and pack_linear_layers(lm, matmul) > 0
+    if matmul == torch.bfloat16 and not packed:
+        lm = lm.to(torch.bfloat16)  # no oneDNN packing here: the whole model in bfloat16
     return lm.eval(), tok
