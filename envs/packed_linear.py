@@ -15,7 +15,8 @@ product in bfloat16 (the input rounded to bfloat16, float32 accumulation inside 
 rounded to bfloat16 and returned in the input's dtype), so everything between the Linear layers
 (norms, attention, the residual stream) stays float32. On CPUs with AVX-512 BF16 (``vdpbf16ps``) or AMX the product runs
 natively: about 1.8x faster than the float32 packed one for SmolLM2's shapes at 8-16 rows, with half
-the weight memory; elsewhere oneDNN emulates it, slower.
+the weight memory; with AVX-512 but no BF16 oneDNN emulates it, slower; with AVX2 alone it cannot
+pack bfloat16 at all (``packing_available(torch.bfloat16)`` is then False and nothing is swapped).
 
 :func:`pack_linear_layers` swaps every plain float32 ``nn.Linear`` of a model for a
 :class:`PackedLinear` holding the packed copy. The packed layer has no parameters (it cannot be
@@ -25,20 +26,38 @@ is missing (another torch build, a GPU) nothing is swapped and the model runs as
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 
 
-def packing_available() -> bool:
-    """Whether this torch has the oneDNN linear ops packing needs."""
+def _reorder(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked copy of a Linear weight (out, in)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
+
+
+@cache
+def _packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs a weight of this dtype on this CPU (bfloat16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
+    try:
+        _reorder(torch.zeros(16, 16, dtype=dtype))
+    except RuntimeError:
+        return False
+    return True
+
+
+def packing_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch has the oneDNN linear ops packing needs, and this CPU packs weights of ``dtype``."""
     ops = getattr(torch.ops, "mkldnn", None)
     try:
-        return (
+        has_ops = (
             torch.backends.mkldnn.is_available()
             and hasattr(ops, "_reorder_linear_weight")
             and hasattr(ops, "_linear_pointwise")
         )
     except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torch build
         return False
+    return has_ops and _packs(dtype)
 
 
 class PackedLinear(torch.nn.Module):
@@ -49,7 +68,7 @@ class PackedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.matmul_dtype = matmul_dtype
         weight = linear.weight.detach().to(matmul_dtype)
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight), persistent=False)
+        self.register_buffer("packed", _reorder(weight), persistent=False)
         bias = None if linear.bias is None else linear.bias.detach().to(matmul_dtype)
         self.register_buffer("bias", bias, persistent=False)
 
@@ -65,8 +84,8 @@ class PackedLinear(torch.nn.Module):
 
 
 def pack_linear_layers(model: torch.nn.Module, matmul_dtype: torch.dtype = torch.float32) -> int:
-    """Replace every plain float32 CPU ``nn.Linear`` in ``model`` by a :class:`PackedLinear`; return how many."""
-    if not packing_available():
+    """Replace every plain float32 CPU ``nn.Linear`` in ``model`` by a :class:`PackedLinear`; return how many (0 where this CPU cannot pack ``matmul_dtype``)."""
+    if not packing_available(matmul_dtype):
         return 0
     swapped = 0
     for parent in list(model.modules()):

@@ -11,8 +11,8 @@ model), so a seeded request is reproducible exactly only in float32 and bfloat16
 bfloat16 on a CPU keeps the model in float32 and packs every Linear layer's weight in bfloat16
 (:mod:`envs.packed_linear` with ``matmul_dtype=torch.bfloat16``): only the products run in
 bfloat16, norms, attention and the residual stream stay float32. That is fast where the CPU has
-AVX-512 BF16 or AMX and emulated (slower than float32) elsewhere; without oneDNN packing the whole
-model is cast to bfloat16 instead.
+AVX-512 BF16 or AMX and emulated (slower than float32) elsewhere; where oneDNN cannot pack
+bfloat16 (no such op, or a CPU with AVX2 alone) the whole model is cast to bfloat16 instead.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def native_bf16() -> bool:
         caps = torch.cpu.get_capabilities()
     except (AttributeError, RuntimeError):  # pragma: no cover - older torch builds
         return False
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16")) and packing_available()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16")) and packing_available(torch.bfloat16)
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -73,5 +73,5 @@ def load_policy(model: ModelSettings, dtype: str = "float32", pack: bool = True)
     matmul = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     packed = pack and pack_linear_layers(lm, matmul) > 0
     if matmul == torch.bfloat16 and not packed:
-        lm = lm.to(torch.bfloat16)  # no oneDNN packing here: the whole model in bfloat16
+        lm = lm.to(torch.bfloat16)  # no bfloat16 packing here: the whole model in bfloat16
     return lm.eval(), tok

@@ -50,10 +50,35 @@ def test_pack_linear_layers_leaves_other_dtypes_and_missing_ops_alone(monkeypatc
     half = torch.nn.Sequential(torch.nn.Linear(4, 4).to(torch.bfloat16))
     assert pack_linear_layers(half) == 0 and type(half[0]) is torch.nn.Linear
     plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    monkeypatch.setattr(packed_linear, "packing_available", lambda: False)
+    monkeypatch.setattr(packed_linear, "packing_available", lambda dtype=torch.float32: False)
     assert pack_linear_layers(plain) == 0 and type(plain[0]) is torch.nn.Linear
 
 
+def test_a_cpu_that_cannot_pack_bfloat16_keeps_plain_layers_for_it_and_packs_float32(monkeypatch):
+    """oneDNN refuses bfloat16 weights on a CPU with AVX2 alone: probed once, then nothing is swapped for bfloat16."""
+    if not packing_available():
+        pytest.skip("this torch has no oneDNN packing")
+    reorder = packed_linear._reorder
+
+    def avx2_only(weight):
+        if weight.dtype == torch.bfloat16:
+            raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or ...")
+        return reorder(weight)
+
+    monkeypatch.setattr(packed_linear, "_reorder", avx2_only)
+    packed_linear._packs.cache_clear()
+    try:
+        assert not packing_available(torch.bfloat16) and packing_available(torch.float32)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        assert pack_linear_layers(model, torch.bfloat16) == 0 and type(model[0]) is torch.nn.Linear
+        assert pack_linear_layers(model, torch.float32) == 1 and isinstance(model[0], PackedLinear)
+    finally:
+        packed_linear._packs.cache_clear()  # the next caller probes the real CPU again
+
+
+@pytest.mark.skipif(
+    not packing_available(torch.bfloat16), reason="this CPU's oneDNN cannot pack bfloat16 (AVX2 alone; needs AVX-512)"
+)
 def test_bfloat16_products_round_like_bfloat16_and_return_the_input_dtype():
     torch.manual_seed(0)
     plain = torch.nn.Linear(64, 96, bias=True)

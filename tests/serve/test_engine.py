@@ -155,7 +155,7 @@ def test_each_dtype_loads_an_exported_policy_and_generates(tiny_policy_dir, dtyp
             type(q_proj).__module__.startswith("torch.ao.nn.quantized")
             and "quantized" in type(engine.model.lm_head).__module__
         )
-    elif packing_available():  # float32 and bfloat16: packed Linear layers in a float32 model
+    elif packing_available(getattr(torch, dtype)):  # float32 and bfloat16: packed Linear layers in a float32 model
         assert isinstance(q_proj, PackedLinear) and isinstance(engine.model.lm_head, PackedLinear)
         assert q_proj.packed.dtype == q_proj.matmul_dtype == getattr(torch, dtype)
         assert engine.model.model.norm.weight.dtype == torch.float32
