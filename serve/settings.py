@@ -36,7 +36,8 @@ class ServeSettings(Settings):
     """Sequences waiting for a batch slot on one replica; more get 429 with Retry-After (>= max_batch_size)."""
     dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"
     """How the policy's Linear layers multiply: float32; bfloat16 (bfloat16 weights and products, the rest of the
-    model float32; fast only on CPUs with AVX-512 BF16 or AMX); int8 = dynamic quantisation of every Linear layer
+    model float32; fast only on CPUs with AVX-512 BF16 or AMX; with AVX2 alone the whole model is cast, 0.20x
+    float32's speed); int8 = dynamic quantisation of every Linear layer
     (int8 weights, activations quantised per call). auto = bfloat16 where the CPU multiplies it natively, else
     float32: on SmolLM2 bfloat16 cost 0.0008 nats/token of KL to float32 for 1.43x the tokens/s
     (bench/serve_quant_bench.py); int8 cost 2.3 nats/token, so it is never chosen for you."""
